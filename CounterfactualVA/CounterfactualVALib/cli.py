@@ -1,0 +1,204 @@
+"""`counterfactualva` command line: attribute, train, generate, evaluate, info.
+
+The Slicer module runs `python -m CounterfactualVALib.cli attribute ... --progress` in a subprocess and
+reads `PROGRESS <fraction> <stage>` lines from stdout; a failure ends with exit code 2 (bad input) or 1
+(unexpected) and a last stderr line `ERROR: <what is wrong and what to do>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+
+def _progress_printer(enabled: bool):
+    def report(fraction: float, stage: str) -> None:
+        if enabled:
+            print(f"PROGRESS {fraction:.3f} {stage}", flush=True)
+        else:
+            print(f"[{fraction * 100:5.1f}%] {stage}", file=sys.stderr, flush=True)
+
+    return report
+
+
+def _key_values(pairs: list[str] | None) -> dict:
+    """`key=value` pairs; values parsed as JSON when they parse (numbers, booleans, lists), else strings."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"expected key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_attribute(args) -> int:
+    from .inference import run_attribution
+
+    summary = run_attribution(
+        args.model,
+        args.input,
+        args.out,
+        device=args.device,
+        threshold_rule=args.threshold_rule,
+        threshold_value=args.threshold_value,
+        method_options=_key_values(args.option),
+        file_ext=args.format,
+        figure=not args.no_figure,
+        progress=_progress_printer(args.progress),
+    )
+    out = Path(args.out)
+    print(f"Wrote {', '.join(str(out / f) for f in [summary['outputs']['counterfactual'], summary['outputs']['attribution'], summary['outputs']['mask']] if f)}", file=sys.stderr)
+    print(f"Timings (s): {json.dumps(summary['timings_s'])}", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from CounterfactualVATrainingLib.loop import TrainingConfig, train
+
+    preprocessing = {
+        "spatial_dims": args.spatial_dims,
+        "size": args.size,
+        "spacing": args.spacing,
+        "crop": args.crop,
+        "intensity": args.intensity,
+    }
+    if args.spatial_dims == 3:
+        preprocessing["orientation"] = args.orientation
+    config = TrainingConfig(
+        method=args.method,
+        data=args.data,
+        out=args.out,
+        preprocessing=preprocessing,
+        method_config=_key_values(args.config),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        val_every=args.val_every,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        seed=args.seed,
+        device=args.device,
+        amp=not args.no_amp,
+        resume=args.resume,
+        num_workers=args.num_workers,
+        command=shlex.join(["counterfactualva"] + sys.argv[1:]),
+    )
+    report = _progress_printer(args.progress)
+
+    def progress(step, total, row):
+        if args.progress:
+            losses = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith(("loss", "val_")))
+            report(step / total, f"step {step}/{total} {losses}")
+
+    model = train(config, progress=progress)
+    if model is None:
+        print(f"Training stopped; continue with the same command plus --resume (checkpoint in {args.out}).", file=sys.stderr)
+        return 3
+    print(f"Model written to {model}", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    if args.kind == "synthetic":
+        from .data.synthetic import generate_synthetic
+
+        csv_path = generate_synthetic(args.out, n=args.n, size=args.size, spatial_dims=args.spatial_dims, seed=args.seed, shape=args.shape)
+    else:
+        from .data.phantom import generate_phantom_cohort
+
+        csv_path = generate_phantom_cohort(
+            args.out, n_subjects=args.n, spacing_mm=args.spacing, effect_size=args.effect_size, seed=args.seed, oblique_degrees=args.oblique_degrees
+        )
+    print(csv_path)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .checkpoint import read_metadata
+
+    print(json.dumps(read_metadata(args.model).to_dict(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="counterfactualva", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("attribute", help="explain a scan: counterfactual, signed map, mask, figure, summary")
+    p.add_argument("--model", required=True, help="model file (.safetensors) written by `counterfactualva train`")
+    p.add_argument("--input", required=True, help="scan (NIfTI .nii/.nii.gz or NRRD .nrrd)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threshold-rule", default="paper", choices=["paper", "max-fraction", "percentile", "absolute"])
+    p.add_argument("--threshold-value", type=float, default=None, help="fraction of max (paper: 0.5), percentile (99), or absolute value")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, e.g. samples=20 (repeatable)")
+    p.add_argument("--format", default=None, choices=[".nii.gz", ".nii", ".nrrd"], help="output format (default: the input's)")
+    p.add_argument("--no-figure", action="store_true")
+    p.add_argument("--progress", action="store_true", help="machine-readable PROGRESS lines on stdout")
+    p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("train", help="train a model on a cohort CSV (path,label[,mask,subtype,split])")
+    p.add_argument("--method", required=True)
+    p.add_argument("--data", required=True, help="cohort CSV")
+    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.csv, tensorboard/, model.safetensors")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--spatial-dims", type=int, default=3, choices=[2, 3])
+    p.add_argument("--size", type=int, nargs="+", default=[64, 64, 64], help="model grid size (x y [z])")
+    p.add_argument("--spacing", type=float, nargs="+", default=[3.0, 3.0, 3.0], help="model grid spacing in mm")
+    p.add_argument("--orientation", default="RAS")
+    p.add_argument("--crop", default="foreground", choices=["foreground", "image"])
+    p.add_argument("--intensity", default="percentile", choices=["percentile", "minmax", "none"])
+    p.add_argument("--config", action="append", metavar="KEY=VALUE", help="method hyper-parameter, e.g. ngf=32 (repeatable)")
+    p.add_argument("--val-every", type=int, default=100)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA (default: bf16 autocast)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="write a synthetic or MNI152 phantom cohort (images + CSV)")
+    p.add_argument("kind", choices=["synthetic", "phantom"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=1000, help="images (synthetic) or subjects (phantom)")
+    p.add_argument("--size", type=int, default=128, help="synthetic image side")
+    p.add_argument("--spatial-dims", type=int, default=2, choices=[2, 3])
+    p.add_argument("--shape", default="box", choices=["box", "circle"])
+    p.add_argument("--spacing", type=float, default=2.0, help="phantom spacing in mm")
+    p.add_argument("--effect-size", type=float, default=0.5)
+    p.add_argument("--oblique-degrees", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="print a model file's metadata (no weights are loaded)")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .imageio import InputError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (InputError, ValueError, FileNotFoundError) as exc:
+        print(f"ERROR: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("ERROR: interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""What every method provides, for inference and for the shared training loop.
+
+A method is one module: its networks, its training step (losses and optimizer updates), and its
+attribution. The training library drives `training_step` from one loop for all methods (data, AMP,
+checkpoints, resume, logs, DDP); the inference pipeline calls `attribute`. Adding a method is adding one
+file and one line in :mod:`CounterfactualVALib.methods`.
+
+Tensors are (batch, channel, *spatial) on the model grid, intensities in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class AttributionResult:
+    """Outputs on the model grid (batch, 1, *spatial).
+
+    attribution: signed map, counterfactual minus input unless the method says otherwise in `map_description`.
+    extras: further maps on the same grid, each with a kind in `extra_kinds` ("difference": signed, in image
+        units; "probability": values in [0, 1]; "intensity": an image like the input).
+    scalars: per-image numbers (e.g. class probability).
+    series: image sequences (time, batch, 1, *spatial), e.g. a latent interpolation, with `series_values`
+        giving one number per frame (e.g. the classifier output).
+    """
+
+    attribution: torch.Tensor
+    counterfactual: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra_kinds: dict[str, str] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
+    series: dict[str, torch.Tensor] = field(default_factory=dict)
+    series_values: dict[str, list] = field(default_factory=dict)
+
+
+class TrainingContext:
+    """What the shared loop gives a method's training step: device, precision, optimisation, randomness.
+
+    `optimize(name, loss)` runs backward, averages gradients across DDP ranks, clips if asked, and steps the
+    named optimizer, so methods never deal with AMP or distribution themselves.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        optimizers: dict[str, torch.optim.Optimizer],
+        amp_dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
+        all_reduce: Callable[[list[torch.Tensor]], None] | None = None,
+    ):
+        self.device = device
+        self.optimizers = optimizers
+        self.amp_dtype = amp_dtype
+        self.generator = generator or torch.Generator().manual_seed(0)
+        self._all_reduce = all_reduce
+        self.step = 0
+        self.total_steps = 1
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def optimize(self, name: str, loss: torch.Tensor, clip_grad_norm: float | None = None) -> None:
+        optimizer = self.optimizers[name]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if self._all_reduce is not None:
+            self._all_reduce([p.grad for p in params])
+        if clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+        optimizer.step()
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        """Normal noise from the step's generator (reproducible across resume), on the training device."""
+        return torch.randn(*shape, generator=self.generator).to(self.device)
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.generator).to(self.device)
+
+
+class Method:
+    """Base class. Subclasses set the class attributes and implement the marked methods."""
+
+    name: str = ""
+    title: str = ""
+    paper: str = ""
+    #: what `attribute` can produce, so a user interface offers exactly that
+    outputs: tuple[str, ...] = ("counterfactual", "attribution", "mask")
+    #: networks kept in the model file
+    inference_networks: tuple[str, ...] = ()
+    #: options `attribute` accepts, with defaults (shown by the Slicer panel / CLI)
+    attribute_options: dict[str, Any] = {}
+    default_config: dict[str, Any] = {}
+    #: training defaults the loop uses unless overridden (steps, batch size, ...)
+    training_defaults: dict[str, Any] = {}
+    map_description: str = "counterfactual minus input"
+    #: which class the batch must provide for training: "unpaired" gives {"normal", "abnormal"} images
+    batch_kind: str = "unpaired"
+
+    def __init__(self, spatial_dims: int, config: dict | None = None, training: bool = False):
+        unknown = set(config or {}) - set(self.default_config)
+        if unknown:
+            raise ValueError(
+                f"{self.name}: unknown configuration keys {sorted(unknown)}; known: {sorted(self.default_config)}"
+            )
+        self.spatial_dims = spatial_dims
+        self.config = {**self.default_config, **(config or {})}
+        self.training = training
+        self.networks = nn.ModuleDict(self.build_networks(training))
+        self.stateful: dict[str, Any] = {}  # e.g. image pools: saved with training checkpoints
+
+    # --- to implement -------------------------------------------------------------------------
+    def build_networks(self, training: bool) -> dict[str, nn.Module]:
+        """All networks when `training`, otherwise only `inference_networks`."""
+        raise NotImplementedError
+
+    def attribute(self, x: torch.Tensor, **options) -> AttributionResult:
+        raise NotImplementedError
+
+    def configure_optimizers(self, total_steps: int) -> dict[str, tuple[torch.optim.Optimizer, Callable[[int], float] | None]]:
+        """name -> (optimizer, LR multiplier as a function of the step, or None for a constant rate)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, torch.Tensor], ctx: TrainingContext) -> dict[str, float]:
+        """One update of every network; returns scalar losses for the logs."""
+        raise NotImplementedError
+
+    # --- shared ---------------------------------------------------------------------------------
+    def to(self, device: torch.device | str, memory_format: torch.memory_format | None = None) -> "Method":
+        self.networks.to(device)
+        if memory_format is not None:
+            self.networks.to(memory_format=memory_format)
+        return self
+
+    def eval(self) -> "Method":
+        self.networks.eval()
+        return self
+
+    def train(self) -> "Method":
+        self.networks.train()
+        return self
+
+    def inference_state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{net}.{key}": value
+            for net in self.inference_networks
+            for key, value in self.networks[net].state_dict().items()
+        }
+
+    def load_inference_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        for net in self.inference_networks:
+            prefix = f"{net}."
+            part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            self.networks[net].load_state_dict(part, strict=True)
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """Method state beyond weights and optimizers that a resumed run needs (e.g. image pools)."""
+        return {}
+
+    def load_training_state(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
+        pass
+
+    def validation_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The map used for model selection (NCC/Dice against ground truth on held-out subjects)."""
+        return self.attribute(x).attribution
+
+    def parameter_count(self, inference_only: bool = False) -> int:
+        names = self.inference_networks if inference_only else list(self.networks.keys())
+        return sum(p.numel() for n in names for p in self.networks[n].parameters())

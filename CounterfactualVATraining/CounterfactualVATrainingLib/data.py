@@ -1,0 +1,104 @@
+"""Training data: a cohort CSV -> cached model-grid tensors per class and split, through MONAI.
+
+Every image passes through `LoadPreprocessd`, the inference preprocessing, and is cached once
+(`monai.data.CacheDataset`). Batches are drawn by :class:`UnpairedSampler` from a generator seeded by
+(seed, step, rank), so the batch at a given step is the same whether or not the run was resumed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from CounterfactualVALib.data.cohort import read_cohort_csv, stratified_split
+from CounterfactualVALib.preprocessing import PreprocessingConfig
+from CounterfactualVALib.transforms import LoadPreprocessd
+
+
+@dataclass
+class CohortTensors:
+    images: torch.Tensor  # (N, 1, *spatial) on the model grid
+    labels: torch.Tensor  # (N,)
+    masks: torch.Tensor  # (N, 1, *spatial): ground truth (difference map or mask), zeros if unknown
+    has_mask: torch.Tensor  # (N,) bool
+    paths: list[str]
+
+    def of_class(self, label: int) -> torch.Tensor:
+        return torch.nonzero(self.labels == label).flatten()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def load_cohort(csv_path: str | Path, seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.0) -> dict[str, list[dict]]:
+    """Records by split. A CSV without a `split` column is split here, stratified by label (and subtype)."""
+    records = read_cohort_csv(csv_path)
+    if any(not r.get("split") for r in records):
+        strata = [f"{r['label']}:{r.get('subtype') or ''}" for r in records]
+        for record, split in zip(records, stratified_split(strata, test_fraction, val_fraction, seed)):
+            record["split"] = split
+    splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    for record in records:
+        splits.setdefault(record["split"], []).append(record)
+    for label in (0, 1):
+        if not any(r["label"] == label for r in splits["train"]):
+            raise ValueError(
+                f"The training split of {csv_path} has no subject of class {label}. Both classes (0 = normal, 1 = abnormal) "
+                "are needed: add subjects or change the split column."
+            )
+    return splits
+
+
+def cache_split(records: list[dict], config: PreprocessingConfig, num_workers: int = 0) -> CohortTensors:
+    """Preprocess and cache one split with MONAI."""
+    from monai.data import CacheDataset
+
+    items = [{"image": r["path"], "mask": r.get("mask") or None, "label": int(r["label"])} for r in records]
+    dataset = CacheDataset(items, transform=LoadPreprocessd(config), num_workers=num_workers, progress=False, copy_cache=False)
+    images, masks, labels, has_mask = [], [], [], []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        images.append(torch.as_tensor(np.asarray(item["image"])))
+        masks.append(torch.as_tensor(np.asarray(item["mask"])))
+        labels.append(item["label"])
+        has_mask.append(bool(records[i].get("mask")))
+    if not images:
+        shape = (0, 1, *reversed(config.size))
+        return CohortTensors(torch.zeros(shape), torch.zeros(0, dtype=torch.long), torch.zeros(shape), torch.zeros(0, dtype=torch.bool), [])
+    return CohortTensors(
+        torch.stack(images).float(), torch.tensor(labels), torch.stack(masks).float(), torch.tensor(has_mask), [r["path"] for r in records]
+    )
+
+
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """A generator that depends only on (seed, step, rank): the randomness of a step survives resume."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 97 + rank)
+
+
+class UnpairedSampler:
+    """Draws `batch_size` normal and `batch_size` abnormal images, independently (unpaired), per step."""
+
+    def __init__(self, cohort: CohortTensors, batch_size: int):
+        self.cohort = cohort
+        self.batch_size = batch_size
+        self.normal = cohort.of_class(0)
+        self.abnormal = cohort.of_class(1)
+
+    def batch(self, generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+        pick_n = self.normal[torch.randint(len(self.normal), (self.batch_size,), generator=generator)]
+        pick_a = self.abnormal[torch.randint(len(self.abnormal), (self.batch_size,), generator=generator)]
+        images = self.cohort.images
+        return {
+            "normal": images[pick_n].to(device, non_blocking=True),
+            "abnormal": images[pick_a].to(device, non_blocking=True),
+            "abnormal_mask": self.cohort.masks[pick_a].to(device, non_blocking=True),
+        }
+
+
+def describe(cohort: CohortTensors, csv_path: str | Path) -> str:
+    n0 = int((cohort.labels == 0).sum())
+    n1 = int((cohort.labels == 1).sum())
+    return f"{n0} normal + {n1} abnormal training subjects from {Path(csv_path).name}"

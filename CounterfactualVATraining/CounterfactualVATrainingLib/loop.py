@@ -1,0 +1,355 @@
+"""The one training loop every method runs on.
+
+It owns what is common: data, device and precision (bf16 autocast + channels-last on CUDA), DDP under
+`torchrun` (parameters broadcast from rank 0, gradients averaged across ranks), learning-rate schedules,
+atomic checkpoints and exact resume, CSV/TensorBoard logs, progress and cancel, validation against ground
+truth on held-out subjects, and the final model file (best validation score, safetensors + metadata).
+Methods only provide their networks and `training_step`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shlex
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from CounterfactualVALib import __version__
+from CounterfactualVALib.checkpoint import ModelMetadata, save_model
+from CounterfactualVALib.metrics import map_scores
+from CounterfactualVALib.methods import TrainingContext, create_method, get_method_class
+from CounterfactualVALib.preprocessing import PreprocessingConfig
+
+from . import distributed
+from .data import UnpairedSampler, cache_split, describe, load_cohort, step_generator
+
+CHECKPOINT_NAME = "checkpoint.pt"
+MODEL_NAME = "model.safetensors"
+
+
+@dataclass
+class TrainingConfig:
+    method: str
+    data: str
+    out: str
+    preprocessing: dict = field(default_factory=dict)
+    method_config: dict = field(default_factory=dict)
+    steps: int = 1000
+    batch_size: int | None = None
+    val_every: int = 100
+    checkpoint_every: int = 100
+    log_every: int = 10
+    max_val_subjects: int = 32
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    resume: bool = False
+    num_workers: int = 0
+    classes: list = field(default_factory=lambda: ["normal", "abnormal"])
+    command: str = ""
+
+
+class TrainingCancelled(Exception):
+    pass
+
+
+class Trainer:
+    def __init__(self, config: TrainingConfig, progress: Callable[[int, int, dict], None] | None = None, should_stop: Callable[[], bool] | None = None):
+        self.config = config
+        self.progress = progress
+        self.should_stop = should_stop or (lambda: False)
+        self.out = Path(config.out)
+        self.dist = distributed.setup()
+        self.device = self._device()
+        self.preprocessing = PreprocessingConfig(**config.preprocessing)
+        method_class = get_method_class(config.method)
+        self.batch_size = config.batch_size or method_class.training_defaults.get("batch_size", 1)
+        self.method = create_method(config.method, self.preprocessing.spatial_dims, config.method_config, training=True)
+        self.channels_last = self.device.type == "cuda" and config.channels_last
+        memory_format = None
+        if self.channels_last:
+            memory_format = torch.channels_last_3d if self.preprocessing.spatial_dims == 3 else torch.channels_last
+        self.memory_format = memory_format
+        self.method.to(self.device, memory_format)
+        distributed.broadcast_parameters(self.method.networks, self.dist)
+        optimizers = self.method.configure_optimizers(config.steps)
+        self.optimizers = {name: opt for name, (opt, _) in optimizers.items()}
+        self.schedulers = {
+            name: torch.optim.lr_scheduler.LambdaLR(opt, factor) for name, (opt, factor) in optimizers.items() if factor is not None
+        }
+        amp_dtype = torch.bfloat16 if (config.amp and self.device.type == "cuda") else None
+        self.ctx = TrainingContext(self.device, self.optimizers, amp_dtype, all_reduce=distributed.gradient_averager(self.dist))
+        self.ctx.total_steps = config.steps
+        self.step = 0
+        self.best = {"score": -math.inf, "step": None, "metrics": {}}
+        self.history: list[dict] = []
+
+    # --- setup ----------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        if self.dist.enabled and torch.cuda.is_available() and self.config.device != "cpu":
+            torch.cuda.set_device(self.dist.local_rank)
+            return torch.device("cuda", self.dist.local_rank)
+        if self.config.device == "cpu":
+            return torch.device("cpu")
+        if self.config.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was requested but PyTorch sees no CUDA GPU. Use --device cpu or auto.")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def load_data(self) -> None:
+        splits = load_cohort(self.config.data, seed=self.config.seed)
+        self.train_data = cache_split(splits["train"], self.preprocessing, self.config.num_workers)
+        val_records = splits["val"][: self.config.max_val_subjects * 2]
+        self.val_data = cache_split(val_records, self.preprocessing, self.config.num_workers)
+        self.sampler = UnpairedSampler(self.train_data, self.batch_size)
+        self.data_summary = describe(self.train_data, self.config.data)
+
+    def _batch(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        batch = self.sampler.batch(generator, self.device)
+        if self.memory_format is not None:
+            batch = {k: v.contiguous(memory_format=self.memory_format) for k, v in batch.items()}
+        return batch
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def checkpoint_path(self) -> Path:
+        return self.out / CHECKPOINT_NAME
+
+    def save_checkpoint(self) -> None:
+        if not self.dist.is_main:
+            return
+        state = {
+            "step": torch.tensor(self.step),
+            "networks": {k: v.state_dict() for k, v in self.method.networks.items()},
+            "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
+            "schedulers": {k: v.state_dict() for k, v in self.schedulers.items()},
+            "method_state": self.method.training_state(),
+            "best_json": json.dumps(self.best),
+            "config_json": json.dumps(asdict(self.config)),
+        }
+        tmp = self.checkpoint_path().with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_path())
+
+    def load_checkpoint(self) -> None:
+        path = self.checkpoint_path()
+        if not path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}. Start without --resume, or point --out at the run to continue.")
+        # weights_only: the unpickler refuses anything but tensors and plain containers.
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        saved = json.loads(state["config_json"])
+        for key in ("method", "preprocessing", "method_config"):
+            if saved[key] != asdict(self.config)[key]:
+                raise ValueError(f"--resume: the checkpoint was trained with {key}={saved[key]!r}, now {asdict(self.config)[key]!r}. Use the same settings to resume.")
+        for k, v in state["networks"].items():
+            self.method.networks[k].load_state_dict(v)
+        for k, v in state["optimizers"].items():
+            self.optimizers[k].load_state_dict(v)
+        for k, v in state["schedulers"].items():
+            self.schedulers[k].load_state_dict(v)
+        self.method.load_training_state(state["method_state"], self.device)
+        self.best = json.loads(state["best_json"])
+        self.step = int(state["step"])
+
+    # --- validation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Mean NCC/Dice of the map against ground truth on held-out abnormal subjects, and the mean |map| on
+        held-out normal subjects (a false-positive measure). The selection score is NCC where ground truth
+        exists, otherwise minus the normal subjects' mean |map|."""
+        self.method.eval()
+        scores: dict[str, list[float]] = {"ncc": [], "dice": [], "iou": [], "normal_abs_map": []}
+        data = self.val_data
+        for i in range(len(data)):
+            x = data.images[i : i + 1].to(self.device)
+            if self.memory_format is not None:
+                x = x.contiguous(memory_format=self.memory_format)
+            with self.ctx.autocast():
+                amap = self.method.validation_map(x)
+            amap = amap.float().cpu().numpy()[0, 0]
+            if data.labels[i] == 1 and data.has_mask[i]:
+                for k, v in map_scores(amap, data.masks[i, 0].numpy()).items():
+                    scores[k].append(v)
+            elif data.labels[i] == 0:
+                scores["normal_abs_map"].append(float(np.abs(amap).mean()))
+        self.method.train()
+        metrics = {f"val_{k}": float(np.mean(v)) for k, v in scores.items() if v}
+        metrics["val_score"] = metrics.get("val_ncc", -metrics.get("val_normal_abs_map", 0.0))
+        return metrics
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> Path | None:
+        cfg = self.config
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        distributed.barrier(self.dist)
+        self.load_data()
+        if cfg.resume:
+            self.load_checkpoint()
+        logger = _Logger(self.out, enabled=self.dist.is_main, append=cfg.resume and self.step > 0)
+        cancelled = {"flag": False}
+        previous_handlers = _install_stop_handlers(cancelled)
+        bar = _progress_bar(cfg.steps, self.step, enabled=self.dist.is_main)
+        self.method.train()
+        try:
+            while self.step < cfg.steps:
+                if cancelled["flag"] or self.should_stop():
+                    raise TrainingCancelled
+                t0 = time.perf_counter()
+                generator = step_generator(cfg.seed, self.step, self.dist.rank)
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=generator)))
+                self.ctx.generator = generator
+                self.ctx.step = self.step
+                losses = self.method.training_step(self._batch(generator), self.ctx)
+                for scheduler in self.schedulers.values():
+                    scheduler.step()
+                self.step += 1
+                row = {"step": self.step, "seconds": time.perf_counter() - t0, **losses}
+                row["lr"] = next(iter(self.optimizers.values())).param_groups[0]["lr"]
+                last = self.step == cfg.steps
+                if self.dist.is_main and (self.step % cfg.val_every == 0 or last) and len(self.val_data):
+                    metrics = self.validate()
+                    row.update(metrics)
+                    if metrics["val_score"] > self.best["score"]:
+                        self.best = {"score": metrics["val_score"], "step": self.step, "metrics": metrics}
+                        self.export_model(self.out / MODEL_NAME)
+                elif self.dist.is_main and last and not len(self.val_data):
+                    self.best = {"score": 0.0, "step": self.step, "metrics": {}}
+                    self.export_model(self.out / MODEL_NAME)
+                if self.step % cfg.log_every == 0 or last or "val_score" in row:
+                    logger.log(row)
+                if self.step % cfg.checkpoint_every == 0 or last:
+                    self.save_checkpoint()
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items() if k.startswith("loss")}, refresh=False)
+                if self.progress is not None:
+                    self.progress(self.step, cfg.steps, row)
+                distributed.barrier(self.dist) if "val_score" in row else None
+        except TrainingCancelled:
+            self.save_checkpoint()
+            logger.close()
+            bar.close()
+            _restore_handlers(previous_handlers)
+            distributed.cleanup(self.dist)
+            return None
+        logger.close()
+        bar.close()
+        _restore_handlers(previous_handlers)
+        distributed.cleanup(self.dist)
+        return self.out / MODEL_NAME
+
+    def export_model(self, path: Path) -> Path:
+        cfg = self.config
+        metadata = ModelMetadata(
+            method=cfg.method,
+            method_config=self.method.config,
+            preprocessing=self.preprocessing.to_dict(),
+            classes=list(cfg.classes),
+            normal_class=0,
+            networks=list(self.method.inference_networks),
+            outputs=list(self.method.outputs),
+            training={
+                "command": cfg.command,
+                "steps": self.step,
+                "total_steps": cfg.steps,
+                "batch_size": self.batch_size,
+                "seed": cfg.seed,
+                "data": str(cfg.data),
+                "data_summary": self.data_summary,
+                "device": str(self.device),
+                "world_size": self.dist.world_size,
+                "amp": self.ctx.amp_dtype is not None,
+                "selected_step": self.best.get("step"),
+            },
+            evaluation={"validation": self.best.get("metrics", {})},
+        )
+        was_training = self.method.networks.training
+        state = {k: v.float() for k, v in self.method.inference_state_dict().items()}
+        self.method.networks.train(was_training)
+        return save_model(path, state, metadata)
+
+
+def train(config: TrainingConfig, progress=None, should_stop=None) -> Path | None:
+    """Train and return the model file path (None if cancelled; the checkpoint allows --resume)."""
+    if not config.command:
+        config.command = shlex.join(["counterfactualva"] + sys.argv[1:]) if sys.argv and sys.argv[0] else ""
+    return Trainer(config, progress, should_stop).fit()
+
+
+class _Logger:
+    """CSV log (always) and TensorBoard (when installed), written by rank 0 only."""
+
+    def __init__(self, out: Path, enabled: bool, append: bool):
+        self.enabled = enabled
+        self.path = out / "log.csv"
+        self.rows: list[dict] = []
+        self.writer = None
+        if not enabled:
+            return
+        if append and self.path.exists():
+            with open(self.path) as f:
+                self.rows = list(csv.DictReader(f))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+        except Exception:  # tensorboard is optional
+            self.writer = None
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        if self.writer is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.writer.add_scalar(k, v, row["step"])
+        keys: list[str] = []
+        for r in self.rows:
+            keys += [k for k in r if k not in keys]
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled or not sys.stderr.isatty(), desc="training", unit="step")
+
+
+def _install_stop_handlers(flag: dict):
+    """SIGTERM/SIGINT end the run cleanly at the next step boundary, with a checkpoint."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, frame):
+        flag["flag"] = True
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def _restore_handlers(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
