@@ -209,6 +209,7 @@ class Trainer:
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=generator)))
                 self.ctx.generator = generator
                 self.ctx.step = self.step
+                self.ctx.sample_batch = lambda: self._batch(generator)
                 losses = self.method.training_step(self._batch(generator), self.ctx)
                 for scheduler in self.schedulers.values():
                     scheduler.step()

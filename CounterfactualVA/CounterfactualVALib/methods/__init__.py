@@ -13,6 +13,11 @@ from .base import AttributionResult, Method, TrainingContext
 _REGISTRY: dict[str, str] = {
     "vantgan": "CounterfactualVALib.methods.vantgan:VANTGAN",
     "antgan": "CounterfactualVALib.methods.antgan:ANTGAN",
+    "vagan": "CounterfactualVALib.methods.vagan:VAGAN",
+    "icam": "CounterfactualVALib.methods.icam:ICAM",
+    "medxgan": "CounterfactualVALib.methods.medxgan:MedXGAN",
+    "agcyclegan": "CounterfactualVALib.methods.agcyclegan:AttentionCycleGAN",
+    "classifier": "CounterfactualVALib.methods.classifier:ClassifierBaseline",
 }
 
 

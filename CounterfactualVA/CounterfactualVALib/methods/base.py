@@ -61,6 +61,9 @@ class TrainingContext:
         self._all_reduce = all_reduce
         self.step = 0
         self.total_steps = 1
+        #: draws a further batch from the training data (same form as the step's batch), for methods that
+        #: update a network several times per step (e.g. VA-GAN's critic); set by the loop
+        self.sample_batch: Callable[[], dict[str, torch.Tensor]] | None = None
 
     def autocast(self):
         if self.amp_dtype is None:
