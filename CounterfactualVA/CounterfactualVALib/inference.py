@@ -138,7 +138,11 @@ def run_attribution(
         kind = result.extra_kinds.get(name, "difference")
         outputs[name] = to_input_grid(tensor[0, 0].float().cpu().numpy(), state, image, kind=kind)
         extra_files[name] = kind
-    foreground = input_array > config.foreground_fraction * float(np.percentile(input_array, 99))
+    # Percentile thresholds count head voxels only (a scan is mostly background); synthetic/pre-cropped
+    # images ("image" crop) have no background to leave out.
+    foreground = None
+    if config.crop == "foreground":
+        foreground = input_array > config.foreground_fraction * float(np.percentile(input_array, 99))
     mask_array, threshold = threshold_map(attribution_array, threshold_rule, threshold_value, foreground=foreground)
     mask = image_from_array(mask_array, image)
     outputs["mask"] = mask

@@ -75,6 +75,7 @@ class Trainer:
         self.preprocessing = PreprocessingConfig(**config.preprocessing)
         method_class = get_method_class(config.method)
         self.batch_size = config.batch_size or method_class.training_defaults.get("batch_size", 1)
+        torch.manual_seed(config.seed)  # initial weights depend on the seed only (rank 0's are broadcast under DDP)
         self.method = create_method(config.method, self.preprocessing.spatial_dims, config.method_config, training=True)
         self.channels_last = self.device.type == "cuda" and config.channels_last
         memory_format = None
