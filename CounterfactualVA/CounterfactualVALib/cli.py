@@ -119,6 +119,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate, format_table, write_results
+
+    results = [
+        evaluate(model, args.data, split=args.split, judge_model=args.judge, device=args.device, limit=args.limit, options=_key_values(args.option))
+        for model in args.model
+    ]
+    print(format_table(results))
+    if args.out:
+        write_results(results, args.out)
+    return 0
+
+
 def cmd_info(args) -> int:
     from .checkpoint import read_metadata
 
@@ -179,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oblique-degrees", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="Dice/IoU/NCC against ground truth and counterfactual validity on a held-out split")
+    p.add_argument("--model", required=True, nargs="+", help="one or more model files")
+    p.add_argument("--data", required=True, help="cohort CSV with split and mask columns")
+    p.add_argument("--split", default="test")
+    p.add_argument("--judge", default=None, help="independent classifier model file for counterfactual validity")
+    p.add_argument("--limit", type=int, default=None, help="at most this many subjects per split")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default=None, help="write the results as JSON")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("info", help="print a model file's metadata (no weights are loaded)")
     p.add_argument("model")
