@@ -218,7 +218,8 @@ class Trainer:
                 row = {"step": self.step, "seconds": time.perf_counter() - t0, **losses}
                 row["lr"] = next(iter(self.optimizers.values())).param_groups[0]["lr"]
                 last = self.step == cfg.steps
-                if self.dist.is_main and (self.step % cfg.val_every == 0 or last) and len(self.val_data):
+                validation_step = self.step % cfg.val_every == 0 or last
+                if self.dist.is_main and validation_step and len(self.val_data):
                     metrics = self.validate()
                     row.update(metrics)
                     if metrics["val_score"] > self.best["score"]:
@@ -235,7 +236,8 @@ class Trainer:
                 bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items() if k.startswith("loss")}, refresh=False)
                 if self.progress is not None:
                     self.progress(self.step, cfg.steps, row)
-                distributed.barrier(self.dist) if "val_score" in row else None
+                if validation_step:
+                    distributed.barrier(self.dist)  # other ranks wait while rank 0 validates and exports
         except TrainingCancelled:
             self.save_checkpoint()
             logger.close()
@@ -246,8 +248,17 @@ class Trainer:
         logger.close()
         bar.close()
         _restore_handlers(previous_handlers)
+        if os.environ.get("CFVA_DEBUG_SYNC"):
+            self._report_sync()
         distributed.cleanup(self.dist)
         return self.out / MODEL_NAME
+
+    def _report_sync(self) -> None:
+        """Print a digest of this rank's weights (tests check that DDP ranks end identical)."""
+        from CounterfactualVALib.checkpoint import weights_digest
+
+        state = {f"{n}.{k}": v for n, net in self.method.networks.items() for k, v in net.state_dict().items()}
+        print(f"SYNC rank {self.dist.rank} {weights_digest(state)}", flush=True)
 
     def export_model(self, path: Path) -> Path:
         cfg = self.config
