@@ -98,3 +98,25 @@ def test_info_prints_metadata_without_weights(random_3d_model):
     result = run_cli("info", random_3d_model)
     assert result.returncode == 0
     assert json.loads(result.stdout)["preprocessing"]["size"] == [32, 32, 32]
+
+
+def test_one_slice_oblique_volume_keeps_its_own_geometry_through_a_2d_model(tiny_2d_model, tmp_path):
+    """A 2D slice saved as a one-slice oblique 3D file (as Slicer does) comes back in that file's geometry."""
+    array = np.random.default_rng(3).normal(size=(1, 32, 32)).astype(np.float32)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.9, 0.8, 3.0))
+    image.SetOrigin((10.0, -20.0, 35.5))
+    rotation = sitk.Euler3DTransform()
+    rotation.SetRotation(0.2, 0.1, -0.3)
+    image.SetDirection(rotation.GetMatrix())
+    scan = tmp_path / "slice.nrrd"
+    sitk.WriteImage(image, str(scan))
+    out = tmp_path / "out"
+    result = run_cli("attribute", "--model", tiny_2d_model, "--input", scan, "--out", out, "--no-figure")
+    assert result.returncode == 0, result.stderr
+    for name in ("counterfactual", "attribution", "mask"):
+        written = sitk.ReadImage(str(out / f"slice_{name}.nrrd"))
+        assert written.GetSize() == image.GetSize()
+        assert np.allclose(written.GetSpacing(), image.GetSpacing())
+        assert np.allclose(written.GetOrigin(), image.GetOrigin())
+        assert np.allclose(written.GetDirection(), image.GetDirection())

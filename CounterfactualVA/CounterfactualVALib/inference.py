@@ -102,7 +102,8 @@ def run_attribution(
     config = PreprocessingConfig.from_dict(metadata.preprocessing)
     progress(0.05, "Reading input")
     # Validated once here (a one-slice 3D file becomes 2D for a 2D model); outputs take this image's grid.
-    image = validate_image(read_image(input_path), config.spatial_dims)
+    original = read_image(input_path)
+    image = validate_image(original, config.spatial_dims)
     t = mark("read", t0)
 
     progress(0.10, "Preprocessing to the model grid")
@@ -157,12 +158,12 @@ def run_attribution(
         files: dict[str, str] = {}
         for name, out_image in outputs.items():
             file_name = f"{stem}_{name}{ext}"
-            write_image(out_image, staging / file_name)
+            write_image(_in_file_geometry(out_image, original), staging / file_name)
             files[name] = file_name
         series_files = {}
         for name, frames in result.series.items():
             file_name = f"{stem}_{name}_series{ext}"
-            write_image(_series_image(frames, state, image), staging / file_name)
+            write_image(_in_file_geometry(_series_image(frames, state, image), original), staging / file_name)
             series_files[name] = file_name
         figure_name = None
         if figure:
@@ -215,6 +216,18 @@ def run_attribution(
         shutil.rmtree(staging, ignore_errors=True)
     progress(1.0, "Done")
     return summary
+
+
+def _in_file_geometry(output: sitk.Image, original: sitk.Image) -> sitk.Image:
+    """Outputs of a one-slice 3D file run through a 2D model go back into the file's own 3D geometry
+    (slice position, through-plane spacing, oblique direction), not a 2D image that has lost them."""
+    if output.GetDimension() == original.GetDimension():
+        return output
+    components = output.GetNumberOfComponentsPerPixel()
+    shape = sitk.GetArrayViewFromImage(original).shape + ((components,) if components > 1 else ())
+    restored = sitk.GetImageFromArray(sitk.GetArrayFromImage(output).reshape(shape), isVector=components > 1)
+    restored.CopyInformation(original)
+    return restored
 
 
 def _series_image(frames, state, image: sitk.Image) -> sitk.Image:

@@ -1,0 +1,544 @@
+"""The Slicer module's logic against slicer-core's real MRML scene (no Qt, no application).
+
+Geometry round trips through the NRRD writer/loader, loading of output folders into new nodes (fixture
+folders written with SimpleITK, exactly as the command line writes them), the subprocess end to end with
+the real command line and a random-weight model, cancel, failures, bad inputs, and the .ui file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("slicer-core (MRML) is not installed", allow_module_level=True)
+import vtk  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE_DIR = REPO / "CounterfactualVA"
+if str(MODULE_DIR) not in sys.path:
+    sys.path.insert(0, str(MODULE_DIR))
+
+import CounterfactualVA as module  # noqa: E402
+from CounterfactualVA import CounterfactualVALogic, makeScene  # noqa: E402
+from CounterfactualVALib import slicer_nodes  # noqa: E402
+
+
+
+def self_test_class():
+    """The module's ScriptedLoadableModuleTest (not bound at module level, where pytest would collect it)."""
+    return module.CounterfactualVATest
+
+
+# --- fixtures -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def scene():
+    scene = makeScene()
+    yield scene
+    scene.Clear(1)
+
+
+def oblique_volume(scene, name="T1", shape=(12, 14, 16), dtype=np.int16):
+    """Anisotropic spacing, oblique axes, non-zero origin, a bright off-centre blob; int16 voxels like most
+    MRI files (the self-test's own volume is float32)."""
+    node = self_test_class().makeObliqueVolume(scene, name=name, shape=shape)
+    if dtype != np.float32:
+        slicer.util.updateVolumeFromArray(node, slicer.util.arrayFromVolume(node).astype(dtype))  # keeps the geometry
+    return node
+
+
+def linear_transform(scene, name="Registration"):
+    transform = vtk.vtkTransform()
+    transform.PostMultiply()
+    transform.RotateY(11)
+    transform.RotateX(-7)
+    transform.Translate(4.5, -3.25, 9.0)
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    node.SetMatrixTransformToParent(transform.GetMatrix())
+    return node
+
+
+def node_count(scene):
+    return scene.GetNumberOfNodes()
+
+
+def world_matrix(node):
+    return slicer_nodes.world_ijk_to_ras(node)
+
+
+def assert_same_grid(node, reference):
+    assert slicer_nodes.matrices_equal(slicer_nodes.ijk_to_ras(node), slicer_nodes.ijk_to_ras(reference), 1e-12)
+    assert node.GetTransformNodeID() == reference.GetTransformNodeID()
+    assert node.GetImageData().GetDimensions() == reference.GetImageData().GetDimensions()
+    assert np.allclose(world_matrix(node), world_matrix(reference), atol=1e-12)
+
+
+def assert_unchanged(node, before):
+    after = slicer_nodes.node_state(node)
+    assert after == before
+
+
+def write_fixture_outputs(input_node, out_dir: Path, counterfactual=True, extras=True, shift_origin=0.0, stem="T1", spatial_dims=3):
+    """An output folder as `counterfactualva attribute` writes it: images on the input's grid + summary.json
+    (for a 2D model and a one-slice input, 2D images, as the command line writes them)."""
+    from CounterfactualVALib.imageio import validate_image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reference = sitk.ReadImage(slicer_nodes.write_volume(input_node, out_dir / "reference.nrrd"))
+    os.remove(out_dir / "reference.nrrd")
+    reference = validate_image(reference, spatial_dims)
+    if shift_origin:
+        reference.SetOrigin([o + shift_origin for o in reference.GetOrigin()])
+    image = sitk.GetArrayFromImage(reference).astype(np.float32)
+    rng = np.random.default_rng(1)
+    attribution = (rng.normal(0, 5, image.shape) + np.where(image > 120, -40.0, 0.0)).astype(np.float32)
+    attribution.flat[0] = 55.0  # the largest magnitude is positive
+    mask = (np.abs(attribution) >= 0.5 * np.abs(attribution).max()).astype(np.uint8)
+
+    def write(array, name):
+        out = sitk.GetImageFromArray(array)
+        out.CopyInformation(reference)
+        sitk.WriteImage(out, str(out_dir / name), True)
+        return name
+
+    outputs = {
+        "counterfactual": write(image + attribution, f"{stem}_counterfactual.nrrd") if counterfactual else None,
+        "attribution": write(attribution, f"{stem}_attribution.nrrd"),
+        "mask": write(mask, f"{stem}_mask.nrrd"),
+        "extras": {},
+        "extra_kinds": {},
+    }
+    if extras:
+        outputs["extras"] = {
+            "attention": write(rng.uniform(0, 1, image.shape).astype(np.float32), f"{stem}_attention.nrrd"),
+            "icam_std": write(np.abs(attribution) / 10, f"{stem}_icam_std.nrrd"),
+        }
+        outputs["extra_kinds"] = {"attention": "probability", "icam_std": "difference"}
+    summary = {
+        "method": "vantgan",
+        "description": "VANT-GAN counterfactual attribution (fixture).",
+        "map_sign": "counterfactual minus input",
+        "outputs": outputs,
+        "scalars": {"class_probability": 0.93},
+        "thresholds": {"rule": "paper", "value": None, "applied_to_abs_map": float(0.5 * np.abs(attribution).max())},
+        "device": "cpu",
+        "timings_s": {"total": 0.1},
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary))
+    return summary, attribution, mask
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    pytest.importorskip("torch")
+    return self_test_class().makeTinyModel(tmp_path_factory.mktemp("model") / "tiny3d.safetensors")
+
+
+# --- the module file under slicer-core --------------------------------------------------------------------
+
+
+def test_module_imports_under_slicer_core_without_qt():
+    assert module.HAVE_SLICER_APP is False
+    assert CounterfactualVALogic.__mro__[1] is object  # no stand-in base class for the logic
+    assert module.CounterfactualVAParameterNode is None
+    with pytest.raises(RuntimeError, match="needs the 3D Slicer application"):
+        module.CounterfactualVAWidget().setup()
+    logic = CounterfactualVALogic()
+    with pytest.raises(RuntimeError, match="Parameter nodes need"):
+        logic.getParameterNode()
+
+
+def test_threshold_rules_and_devices_match_the_command_line():
+    from CounterfactualVALib.cli import build_parser
+
+    parser = build_parser()
+    attribute = parser._subparsers._group_actions[0].choices["attribute"]
+    choices = {action.dest: tuple(action.choices) for action in attribute._actions if action.choices}
+    assert choices["threshold_rule"] == module.THRESHOLD_RULES
+    assert choices["device"] == module.DEVICES
+
+
+def test_command_and_child_environment():
+    logic = CounterfactualVALogic()
+    command = logic.buildCommand("/m/model.safetensors", "/t/in.nrrd", "/t/out", "cpu", "percentile", 99)
+    assert command[0] == sys.executable
+    assert command[1:4] == ["-m", "CounterfactualVALib.cli", "attribute"]
+    assert command[command.index("--threshold-value") + 1] == "99.0"
+    assert command[-1] == "--progress"
+    assert "--threshold-value" not in logic.buildCommand("m", "i", "o")
+    env = logic.childEnvironment("cpu")
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(MODULE_DIR)
+    assert env["CUDA_VISIBLE_DEVICES"] == "-1"
+    assert env["PYTHONUNBUFFERED"] == "1"
+    assert logic.childEnvironment("auto").get("CUDA_VISIBLE_DEVICES") == os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_model_info_reads_the_metadata_only(tiny_model, tmp_path):
+    logic = CounterfactualVALogic()
+    info = logic.modelInfo(tiny_model)
+    assert "vantgan (3D)" in info and "[16, 16, 16]" in info and "normal: normal" in info
+    assert logic.modelInfo(tmp_path / "missing.safetensors").startswith("Model file not found")
+    (tmp_path / "text.safetensors").write_text("hello")
+    assert logic.modelInfo(tmp_path / "text.safetensors").startswith("Not usable:")
+    assert logic.modelInfo("") == "No model selected."
+
+
+def test_progress_lines_are_parsed():
+    assert module._parseProgress("PROGRESS 0.300 Running VANT-GAN on CPU") == (0.3, "Running VANT-GAN on CPU")
+    assert module._parseProgress("PROGRESS 1.5 x") == (1.0, "x")
+    assert module._parseProgress("Wrote files") is None
+    assert module._parseProgress("PROGRESS abc") is None
+
+
+# --- geometry: write and read back ------------------------------------------------------------------------
+
+
+def test_oblique_volume_round_trips_through_nrrd(scene, tmp_path):
+    node = oblique_volume(scene)
+    matrix = slicer_nodes.ijk_to_ras(node)
+    assert not np.allclose(matrix[:3, :3], np.diag(np.diag(matrix[:3, :3])))  # really oblique
+    assert len({round(s, 6) for s in node.GetSpacing()}) == 3 and np.any(matrix[:3, 3] != 0)
+    before = slicer_nodes.node_state(node)
+    path = slicer_nodes.write_volume(node, tmp_path / "in.nrrd")
+    assert_unchanged(node, before)
+    loaded = slicer_nodes.read_volume(path)
+    assert slicer_nodes.matrices_equal(slicer_nodes.ijk_to_ras(loaded), matrix, 1e-9)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(loaded), slicer.util.arrayFromVolume(node))
+    # ITK sees the same physical grid in LPS
+    image = sitk.ReadImage(path)
+    ras_origin = matrix[:3, 3]
+    np.testing.assert_allclose(image.GetOrigin(), [-ras_origin[0], -ras_origin[1], ras_origin[2]], atol=1e-9)
+    np.testing.assert_allclose(image.GetSpacing(), node.GetSpacing(), atol=1e-9)
+
+
+def test_volume_under_linear_transform_round_trips_with_the_transform_hardened(scene, tmp_path):
+    node = oblique_volume(scene)
+    transform = linear_transform(scene)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    to_world = vtk.vtkMatrix4x4()
+    transform.GetMatrixTransformToWorld(to_world)
+    expected_world = slicer.util.arrayFromVTKMatrix(to_world) @ slicer_nodes.ijk_to_ras(node)
+    before = slicer_nodes.node_state(node)
+    path = slicer_nodes.write_volume(node, tmp_path / "in.nrrd")
+    assert_unchanged(node, before)
+    loaded = slicer_nodes.read_volume(path)
+    assert slicer_nodes.matrices_equal(slicer_nodes.ijk_to_ras(loaded), expected_world, 1e-9)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(loaded), slicer.util.arrayFromVolume(node))
+    # Output files come back with the input's own matrix and parent transform
+    output = slicer_nodes.read_output_like(path, node)
+    slicer_nodes.add_to_scene_like(output, node, "copy")
+    assert_same_grid(output, node)
+    assert slicer_nodes.same_world_geometry(output, node)
+
+
+def test_output_on_another_grid_is_refused(scene, tmp_path):
+    node = oblique_volume(scene)
+    write_fixture_outputs(node, tmp_path, shift_origin=0.5)
+    count = node_count(scene)
+    with pytest.raises(RuntimeError, match="not on the input's voxel grid"):
+        CounterfactualVALogic().loadResults(node, tmp_path)
+    assert node_count(scene) == count
+
+
+# --- loading an output folder -----------------------------------------------------------------------------
+
+
+def test_fixture_outputs_become_new_nodes_on_the_input_grid(scene, tmp_path):
+    node = oblique_volume(scene)
+    node.SetAttribute("Custom.Key", "value")
+    transform = linear_transform(scene)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    sh = scene.GetSubjectHierarchyNode()
+    study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient"), "Study")
+    sh.CreateItem(study, node)
+    before = slicer_nodes.node_state(node)
+    summary, attribution, mask = write_fixture_outputs(node, tmp_path)
+
+    result = CounterfactualVALogic().loadResults(node, tmp_path, opacity=0.35)
+
+    assert result.counterfactual.GetName() == "T1 counterfactual"
+    assert result.attribution.GetName() == "T1 attribution"
+    assert result.mask.GetName() == "T1 attribution mask"
+    assert set(result.extras) == {"attention", "icam_std"}
+    assert result.extras["attention"].GetName() == "T1 attention"
+    assert result["summary"]["scalars"]["class_probability"] == 0.93
+    assert result.segmentation is None
+    for new in result.nodes():
+        assert_same_grid(new, node)
+        assert new.GetAttribute(slicer_nodes.DESCRIPTION_ATTRIBUTE)
+        assert new.GetDescription() == new.GetAttribute(slicer_nodes.DESCRIPTION_ATTRIBUTE)
+        assert new.GetAttribute(slicer_nodes.INPUT_ATTRIBUTE) == node.GetID()
+        assert sh.GetItemParent(sh.GetItemByDataNode(new)) == study
+    assert result.mask.IsA("vtkMRMLLabelMapVolumeNode")
+    assert set(np.unique(slicer.util.arrayFromVolume(result.mask))) == {0, 1}
+    # values survive LPS <-> RAS and the file round trip
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(result.attribution), attribution)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(result.mask), mask)
+    # signed map: diverging table, window centred on zero and covering the largest magnitude
+    display = result.attribution.GetDisplayNode()
+    assert display.GetColorNode().GetName() == slicer_nodes.DIVERGING_COLOR_NODE_NAME
+    assert not display.GetAutoWindowLevel()
+    assert display.GetLevel() == 0.0
+    assert display.GetWindow() == pytest.approx(2 * np.abs(attribution).max(), rel=1e-6)
+    assert result.extras["icam_std"].GetDisplayNode().GetLevel() == 0.0
+    assert result.extras["attention"].GetDisplayNode().GetWindow() == pytest.approx(1.0)
+    assert result.mask.GetDisplayNode().GetColorNode().GetName() == slicer_nodes.MASK_COLOR_NODE_NAME
+    assert "threshold rule 'paper'" in result.mask.GetDescription()
+    # the counterfactual looks like the input
+    assert result.counterfactual.GetDisplayNode().GetWindow() == pytest.approx(node.GetDisplayNode().GetWindow())
+    # slice views: scan underneath, map over it with the opacity, mask as label layer
+    composites = [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode") for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]
+    assert len(composites) == 3
+    for composite in composites:
+        assert composite.GetBackgroundVolumeID() == node.GetID()
+        assert composite.GetForegroundVolumeID() == result.attribution.GetID()
+        assert composite.GetLabelVolumeID() == result.mask.GetID()
+        assert composite.GetForegroundOpacity() == pytest.approx(0.35)
+    assert CounterfactualVALogic.setOpacity(result, 0.8) == 3
+    assert composites[0].GetForegroundOpacity() == pytest.approx(0.8)
+    assert_unchanged(node, before)
+    assert node.GetAttribute("Custom.Key") == "value"
+
+
+def test_diverging_colour_table_is_symmetric_and_reused(scene, tmp_path):
+    node = oblique_volume(scene)
+    write_fixture_outputs(node, tmp_path)
+    logic = CounterfactualVALogic()
+    first = logic.loadResults(node, tmp_path)
+    second = logic.loadResults(node, tmp_path)
+    tables = [scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode") for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode"))]
+    assert [t.GetName() for t in tables].count(slicer_nodes.DIVERGING_COLOR_NODE_NAME) == 1
+    assert second.attribution.GetName() != first.attribution.GetName()  # a second run gets unique names
+    table = slicer_nodes.diverging_color_node(scene)
+    n = table.GetNumberOfColors()
+    rgba = np.array([table.GetLookupTable().GetTableValue(i) for i in range(n)])
+    np.testing.assert_allclose(rgba[:, 0], rgba[::-1, 2], atol=0.35)  # blue end mirrors red end
+    assert rgba[0, 2] > rgba[0, 0] and rgba[-1, 0] > rgba[-1, 2]  # negative blue, positive red
+    assert rgba[n // 2, :3].min() > 0.95  # white around zero
+
+
+def test_segmentation_is_made_from_the_mask_when_asked(scene, tmp_path):
+    node = oblique_volume(scene)
+    node.SetAndObserveTransformNodeID(linear_transform(scene).GetID())
+    _, _, mask = write_fixture_outputs(node, tmp_path, extras=False)
+    result = CounterfactualVALogic().loadResults(node, tmp_path, createSegmentation=True)
+    segmentation = result.segmentation
+    assert segmentation.IsA("vtkMRMLSegmentationNode")
+    assert segmentation.GetName() == "T1 attribution segmentation"
+    assert segmentation.GetTransformNodeID() == node.GetTransformNodeID()
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
+    segment_id = segmentation.GetSegmentation().GetNthSegmentID(0)
+    assert segmentation.GetSegmentation().GetSegment(segment_id).GetName() == slicer_nodes.MASK_SEGMENT_NAME
+    exported = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "exported")
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segment_id)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation, ids, exported, result.mask)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(exported) > 0, mask > 0)
+    assert segmentation.GetAttribute(slicer_nodes.DESCRIPTION_ATTRIBUTE)
+
+
+def test_single_slice_input_with_2d_outputs(scene, tmp_path):
+    node = oblique_volume(scene, name="slice", shape=(1, 14, 16))
+    _, attribution, _ = write_fixture_outputs(node, tmp_path, extras=False, stem="slice", spatial_dims=2)
+    assert sitk.ReadImage(str(tmp_path / "slice_attribution.nrrd")).GetDimension() == 2
+    result = CounterfactualVALogic().loadResults(node, tmp_path)
+    for new in result.nodes():
+        assert_same_grid(new, node)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(result.attribution)[0], attribution)
+
+
+def test_classifier_baseline_without_counterfactual(scene, tmp_path):
+    node = oblique_volume(scene)
+    write_fixture_outputs(node, tmp_path, counterfactual=False, extras=False)
+    result = CounterfactualVALogic().loadResults(node, tmp_path)
+    assert result.counterfactual is None
+    assert [n.GetName() for n in result.nodes()] == ["T1 attribution", "T1 attribution mask"]
+
+
+def test_incomplete_output_folder_adds_nothing(scene, tmp_path):
+    node = oblique_volume(scene)
+    summary, _, _ = write_fixture_outputs(node, tmp_path)
+    os.remove(tmp_path / summary["outputs"]["extras"]["icam_std"])  # the last file to be read is missing
+    count = node_count(scene)
+    with pytest.raises(RuntimeError, match="missing or damaged"):
+        CounterfactualVALogic().loadResults(node, tmp_path)
+    assert node_count(scene) == count
+    os.remove(tmp_path / "summary.json")
+    with pytest.raises(RuntimeError, match="without a summary"):
+        CounterfactualVALogic().loadResults(node, tmp_path)
+
+
+# --- bad inputs are refused before anything is launched ---------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors(scene, tmp_path):
+    logic = CounterfactualVALogic()
+    tiny_model = str(tmp_path / "model.safetensors")
+    Path(tiny_model).write_bytes(b"validated only for existence before launching")
+    good = oblique_volume(scene)
+    label = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    slicer.util.updateVolumeFromArray(label, np.zeros((4, 5, 6), np.uint8))
+    vector = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "rgb")
+    slicer.util.updateVolumeFromArray(vector, np.zeros((4, 5, 6, 3), np.uint8))
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
+    warped = oblique_volume(scene, name="warped")
+    warped.SetAndObserveTransformNodeID(grid.GetID())
+    model = scene.AddNewNodeByClass("vtkMRMLModelNode", "surface")
+    count = node_count(scene)
+    folders = temporary_folders()
+
+    cases = [
+        (None, tiny_model, {}, "No input volume"),
+        (label, tiny_model, {}, "labelmap volume"),
+        (vector, tiny_model, {}, "vector"),
+        (empty, tiny_model, {}, "has no image data"),
+        (model, tiny_model, {}, "not a volume"),
+        (warped, tiny_model, {}, "non-linear transform"),
+        (good, "", {}, "No model file"),
+        (good, str(tmp_path / "missing.safetensors"), {}, "Model file not found"),
+        (good, str(tmp_path), {}, "is a folder"),
+        (good, tiny_model, {"device": "tpu"}, "Unknown device"),
+        (good, tiny_model, {"thresholdRule": "otsu"}, "Unknown threshold rule"),
+        (good, tiny_model, {"thresholdValue": -1}, "non-negative"),
+    ]
+    for node, model_path, options, message in cases:
+        with pytest.raises(ValueError, match=message):
+            logic.run(node, model_path, **options)
+    assert node_count(scene) == count
+    assert temporary_folders() == folders  # nothing was launched
+
+
+# --- the subprocess, with the real command line -----------------------------------------------------------
+
+
+def temporary_folders():
+    return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("CounterfactualVA-")}
+
+
+def test_failure_of_the_command_line_raises_its_message_and_creates_nothing(scene, tmp_path):
+    node = oblique_volume(scene)
+    bad_model = tmp_path / "notes.safetensors"
+    bad_model.write_text("this is not a model file")
+    count, folders = node_count(scene), temporary_folders()
+    with pytest.raises(RuntimeError, match="not a safetensors model file"):
+        CounterfactualVALogic().run(node, str(bad_model), device="cpu")  # blocking
+    assert node_count(scene) == count
+    assert temporary_folders() == folders
+
+
+def test_cancel_kills_the_process_and_creates_nothing(scene, tiny_model):
+    node = oblique_volume(scene)
+    count = node_count(scene)
+    stages = []
+    process = CounterfactualVALogic().run(node, tiny_model, device="cpu", waitForCompletion=False, progressCallback=lambda f, s: stages.append(s))
+    deadline = time.monotonic() + 60
+    while not any(s.startswith("Checking model") for s in stages) and time.monotonic() < deadline:
+        assert process.poll() is False
+        time.sleep(0.05)
+    assert process.running
+    process.cancel()
+    assert not process.running
+    assert process.poll() is True and process.result is None
+    assert node_count(scene) == count
+    assert not os.path.exists(process.tempDir)
+
+
+def test_cuda_request_without_a_gpu_falls_back_to_the_cpu(scene, tiny_model):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is available here: nothing to fall back from")
+    node = oblique_volume(scene)
+    count, log = node_count(scene), []
+    process = CounterfactualVALogic().run(node, tiny_model, device="cuda", waitForCompletion=False, logCallback=log.append)
+    deadline = time.monotonic() + 90
+    while not any("running on the CPU instead" in line for line in log):
+        assert time.monotonic() < deadline, "\n".join(log)
+        assert process.poll() is False
+        time.sleep(0.05)
+    assert "CUDA was requested" in next(line for line in log if "running on the CPU instead" in line)
+    assert process.device == "cpu" and process.running
+    assert process.command[process.command.index("--device") + 1] == "cpu"
+    assert process.env["CUDA_VISIBLE_DEVICES"] == "-1"
+    process.cancel()  # the CPU run itself is what the end-to-end test checks
+    assert node_count(scene) == count and not os.path.exists(process.tempDir)
+
+
+def test_self_test_end_to_end_under_slicer_core(tiny_model, monkeypatch):
+    """The module's own self-test (what Slicer's 'Reload and Test' runs): the real command line in a
+    subprocess, polled without blocking, on an oblique volume under a linear transform, with a segmentation."""
+    test_class = self_test_class()
+    monkeypatch.setattr(test_class, "makeTinyModel", staticmethod(lambda path, *a, **k: tiny_model))  # made once per session
+    test = test_class("runTest")
+    test.runTest()
+    result, node, log = test.result, test.inputNode, test.log
+    for new in (result.counterfactual, result.attribution, result.mask):
+        assert_same_grid(new, node)
+    assert any("Running VANT-GAN" in stage for _, stage in test.progress)
+    assert not any(line.startswith("PROGRESS") for line in log)  # progress lines are parsed, not logged
+    assert result.summary["thresholds"]["rule"] == "percentile"
+    assert "CPU" in result.summary["device"]
+    assert "VANT-GAN" in result.attribution.GetDescription()
+    np.testing.assert_allclose(
+        slicer.util.arrayFromVolume(result.counterfactual),
+        slicer.util.arrayFromVolume(node) + slicer.util.arrayFromVolume(result.attribution), rtol=1e-5, atol=1e-3,
+    )
+    scene = node.GetScene()
+    composite = scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
+    assert composite.GetForegroundVolumeID() == result.attribution.GetID()
+    assert composite.GetForegroundOpacity() == pytest.approx(0.5)
+
+
+# --- the panel's .ui file ---------------------------------------------------------------------------------
+
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "CounterfactualVA.ui"
+CONTAINERS = {"qMRMLWidget", "QWidget", "ctkCollapsibleButton", "QGroupBox", "QFrame"}
+
+
+def test_ui_widgets_and_module_code_agree():
+    tree = ET.parse(UI_FILE)
+    widgets = {w.get("name"): w.get("class") for w in tree.iter("widget")}
+    source = (MODULE_DIR / "CounterfactualVA.py").read_text()
+    referenced = set(re.findall(r"self\.ui\.(\w+)", source))
+    assert referenced, "the module references no widgets"
+    missing = referenced - set(widgets)
+    assert not missing, f"module code uses widgets that the .ui lacks: {sorted(missing)}"
+    interactive = {name for name, cls in widgets.items() if cls not in CONTAINERS and cls != "QLabel"}
+    unused = interactive - referenced
+    assert not unused, f".ui widgets that the module never uses: {sorted(unused)}"
+    # the parameter-node bindings name real parameters
+    bound = {}
+    for widget in tree.iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[widget.get("name")] = prop.find("string").text
+    parameters = set(re.findall(r"^        (\w+): ", source.split("class CounterfactualVAParameterNode")[1].split("else:")[0], re.M))
+    assert set(bound.values()) == parameters
+    assert bound["inputSelector"] == "inputVolume" and widgets["inputSelector"] == "qMRMLNodeComboBox"
+    assert widgets["modelPathLineEdit"] == "ctkPathLineEdit" and widgets["opacitySliderWidget"] == "ctkSliderWidget"
+    assert widgets["progressBar"] == "QProgressBar" and widgets["logTextEdit"] == "QPlainTextEdit"
+    # every custom widget class used is declared
+    declared = {c.find("class").text for c in tree.iter("customwidget")}
+    assert {cls for cls in widgets.values() if cls.startswith(("ctk", "qMRML"))} <= declared
+
+
+def test_resources_and_build_files_exist():
+    assert (MODULE_DIR / "Resources" / "Icons" / "CounterfactualVA.png").stat().st_size > 1000
+    cmake = (MODULE_DIR / "CMakeLists.txt").read_text()
+    assert "slicerMacroBuildScriptedModule" in cmake and "GLOB_RECURSE" in cmake and "slicer_add_python_unittest" in cmake
+    top = (REPO / "CMakeLists.txt").read_text()
+    for needed in ("project(CounterfactualVA)", "EXTENSION_DEPENDS \"PyTorch\"", "add_subdirectory(CounterfactualVA)", "add_subdirectory(CounterfactualVATraining)", "Slicer_EXTENSION_CPACK"):
+        assert needed in top
