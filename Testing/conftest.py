@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # CI is CPU-only; keep local runs comparable
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny tensors: threads only add spin-wait overhead, and subprocess tests would oversubscribe 2 cores
 
 TINY_VANTGAN = ["ngf=8", "n_blocks=2", "ndf=8"]
 
