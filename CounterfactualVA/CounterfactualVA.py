@@ -32,8 +32,6 @@ import sys
 import tempfile
 import threading
 import time
-import types
-import unittest
 from dataclasses import dataclass, field
 from typing import Annotated, Callable
 
@@ -46,68 +44,20 @@ if MODULE_DIR not in sys.path:  # CounterfactualVALib lives next to this file
 
 from CounterfactualVALib import slicer_nodes  # noqa: E402
 
-# --- what exists only in the Slicer application (Qt, scripted-module framework, parameter nodes) ----------
-
-try:
-    from slicer.ScriptedLoadableModule import (
-        ScriptedLoadableModule,
-        ScriptedLoadableModuleLogic,
-        ScriptedLoadableModuleTest,
-        ScriptedLoadableModuleWidget,
-    )
-
-    HAVE_SLICER_APP = True
-except ImportError:  # slicer-core: MRML without the application
-    HAVE_SLICER_APP = False
-    ScriptedLoadableModuleLogic = None
-
-    class ScriptedLoadableModule:  # minimal stand-in so that this file imports; never used by the logic
-        def __init__(self, parent=None):
-            self.parent = parent if parent is not None else types.SimpleNamespace()
-            self.moduleName = type(self).__name__
-
-    class ScriptedLoadableModuleWidget:  # the panel needs Qt: only a stand-in so that this file imports
-        def __init__(self, parent=None):
-            self.parent = parent
-            self.moduleName = type(self).__name__[: -len("Widget")]
-
-        def setup(self):
-            raise RuntimeError("The CounterfactualVA panel needs the 3D Slicer application; use CounterfactualVALogic from Python.")
-
-        def resourcePath(self, filename):
-            return os.path.join(MODULE_DIR, "Resources", filename)
-
-    class ScriptedLoadableModuleTest(unittest.TestCase):  # lets the self-test run outside the application
-        def delayDisplay(self, message, msec=None):
-            logging.info(message)
-
-
-try:
-    from slicer.util import VTKObservationMixin
-except ImportError:  # pragma: no cover - every slicer build has it
-    VTKObservationMixin = object
-
-try:
-    from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-except ImportError:
-    parameterNodeWrapper = None
-
-try:
-    from slicer.i18n import tr as _
-    from slicer.i18n import translate
-except ImportError:
-
-    def _(text):
-        return text
-
-    def translate(context, text):
-        return text
-
-
-try:
-    import qt
-except ImportError:
-    qt = None
+from CounterfactualVALib.slicer_module_support import (  # noqa: E402  (stand-ins under slicer-core)
+    HAVE_SLICER_APP,
+    Choice,
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+    VTKObservationMixin,
+    WithinRange,
+    _,
+    parameterNodeWrapper,
+    qt,
+    translate,
+)
 
 DEVICES = ("auto", "cpu", "cuda")
 #: must match `counterfactualva attribute --threshold-rule` (checked by Testing/test_slicer_logic.py)

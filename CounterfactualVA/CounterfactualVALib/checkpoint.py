@@ -11,13 +11,13 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
+from .atomic import atomic_path
 from .imageio import InputError
 
 FORMAT_NAME = "counterfactualva-model"
@@ -79,15 +79,8 @@ def save_model(path: str | os.PathLike, tensors: dict, metadata: ModelMetadata) 
     tensors = {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}
     metadata.weights_sha256 = weights_digest(tensors)
     header = {METADATA_KEY: json.dumps(metadata.to_dict(), sort_keys=True)}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

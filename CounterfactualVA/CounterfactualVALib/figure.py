@@ -6,10 +6,10 @@ drawn with the physical aspect ratio of the input's spacing.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import SimpleITK as sitk
+
+from .atomic import atomic_path
 
 
 def _planes(array: np.ndarray, spacing_xyz, centre_zyx):
@@ -57,7 +57,6 @@ def save_overview_figure(path, image: sitk.Image, attribution: sitk.Image, mask:
             ax.axis("off")
     fig.colorbar(im, ax=axes[0, :].tolist(), shrink=0.8, label="counterfactual - input")
     fig.suptitle(title, fontsize=9)
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)

@@ -7,11 +7,12 @@ errors a user sees for bad input are the same from Slicer, the console and the s
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from .atomic import atomic_path
 
 SUPPORTED_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -100,17 +101,8 @@ def validate_image(image: sitk.Image, spatial_dims: int, name: str = "input") ->
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
     """Write atomically: a reader never sees a half-written file under the final name."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ext = image_extension(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=ext, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=image_extension(path)) as tmp:
         sitk.WriteImage(image, tmp, compress)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

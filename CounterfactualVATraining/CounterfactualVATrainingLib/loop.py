@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from CounterfactualVALib import __version__
+from CounterfactualVALib.atomic import atomic_path
 from CounterfactualVALib.checkpoint import ModelMetadata, save_model
 from CounterfactualVALib.metrics import map_scores
 from CounterfactualVALib.methods import TrainingContext, create_method, get_method_class
@@ -137,9 +137,8 @@ class Trainer:
             "best_json": json.dumps(self.best),
             "config_json": json.dumps(asdict(self.config)),
         }
-        tmp = self.checkpoint_path().with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path())
+        with atomic_path(self.checkpoint_path(), suffix=".pt") as tmp:
+            torch.save(state, tmp)
 
     def load_checkpoint(self) -> None:
         path = self.checkpoint_path()
@@ -329,12 +328,11 @@ class _Logger:
         keys: list[str] = []
         for r in self.rows:
             keys += [k for k in r if k not in keys]
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(self.rows)
-        os.replace(tmp, self.path)
+        with atomic_path(self.path, suffix=".csv") as tmp:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=keys)
+                w.writeheader()
+                w.writerows(self.rows)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -16,33 +16,19 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from .. import imageio
+from ..atomic import atomic_path
 from ..imageio import InputError
 
 CSV_COLUMNS = ("path", "label", "mask", "subtype", "split")
 REQUIRED_COLUMNS = ("path", "label")
 SPLITS = ("train", "val", "test")
-
-
-def _atomic_target(path: Path, suffix: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    return tmp
-
-
-def _extension(path: str | os.PathLike) -> str:
-    name = str(path).lower()
-    for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.endswith(ext):
-            return ext
-    return Path(name).suffix
 
 
 def write_image(
@@ -71,16 +57,7 @@ def write_image(
     image.SetSpacing(tuple(float(s) for s in spacing) if spacing is not None else (1.0,) * dim)
     image.SetOrigin(tuple(float(o) for o in origin) if origin is not None else (0.0,) * dim)
     image.SetDirection(tuple(float(d) for d in direction) if direction is not None else tuple(np.eye(dim).ravel()))
-    path = Path(path)
-    tmp = _atomic_target(path, _extension(path))
-    try:
-        sitk.WriteImage(image, tmp, compress)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return imageio.write_image(image, path, compress)
 
 
 def _round_half_up(x: float) -> int:
@@ -127,8 +104,7 @@ def write_cohort_csv(csv_path: str | os.PathLike, rows: Sequence[dict]) -> Path:
     """
     csv_path = Path(csv_path)
     folder = csv_path.parent
-    tmp = _atomic_target(csv_path, ".csv")
-    try:
+    with atomic_path(csv_path, suffix=".csv") as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(CSV_COLUMNS)
@@ -143,11 +119,6 @@ def write_cohort_csv(csv_path: str | os.PathLike, rows: Sequence[dict]) -> Path:
                         row.get("split", "") or "",
                     ]
                 )
-        os.replace(tmp, csv_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return csv_path
 
 

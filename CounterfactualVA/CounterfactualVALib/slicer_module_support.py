@@ -1,0 +1,79 @@
+"""What the scripted modules take from the Slicer application, with stand-ins where it is absent.
+
+PyPI's slicer-core has the MRML scene but no application: no ScriptedLoadableModule framework, no Qt, no
+parameter-node wrapper. Both module files import these names from here, so that their logic classes (which
+need none of it) import and run under slicer-core in the tests, and the panels run in the application.
+The stand-ins exist only for the module, widget and test classes, never for the logic or MRML.
+"""
+
+import logging
+import os
+import sys
+import types
+import unittest
+
+# --- what exists only in the Slicer application (Qt, scripted-module framework, parameter nodes) ----------
+
+try:
+    from slicer.ScriptedLoadableModule import (
+        ScriptedLoadableModule,
+        ScriptedLoadableModuleLogic,
+        ScriptedLoadableModuleTest,
+        ScriptedLoadableModuleWidget,
+    )
+
+    HAVE_SLICER_APP = True
+except ImportError:  # slicer-core: MRML without the application
+    HAVE_SLICER_APP = False
+    ScriptedLoadableModuleLogic = None
+
+    class ScriptedLoadableModule:  # minimal stand-in so that this file imports; never used by the logic
+        def __init__(self, parent=None):
+            self.parent = parent if parent is not None else types.SimpleNamespace()
+            self.moduleName = type(self).__name__
+
+    class ScriptedLoadableModuleWidget:  # the panel needs Qt: only a stand-in so that this file imports
+        def __init__(self, parent=None):
+            self.parent = parent
+            self.moduleName = type(self).__name__[: -len("Widget")]
+
+        def setup(self):
+            raise RuntimeError(
+                f"The {self.moduleName} panel needs the 3D Slicer application; use {self.moduleName}Logic from Python."
+            )
+
+        def resourcePath(self, filename):
+            moduleDir = os.path.dirname(os.path.abspath(sys.modules[type(self).__module__].__file__))
+            return os.path.join(moduleDir, "Resources", filename)
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):  # lets the self-test run outside the application
+        def delayDisplay(self, message, msec=None):
+            logging.info(message)
+
+
+try:
+    from slicer.util import VTKObservationMixin
+except ImportError:  # pragma: no cover - every slicer build has it
+    VTKObservationMixin = object
+
+try:
+    from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+except ImportError:
+    Choice = WithinRange = parameterNodeWrapper = None
+
+try:
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:
+
+    def _(text):
+        return text
+
+    def translate(context, text):
+        return text
+
+
+try:
+    import qt
+except ImportError:
+    qt = None
