@@ -15,7 +15,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,13 +36,15 @@ def main() -> int:
     if not (cohort / "cohort.csv").exists():
         subprocess.run(cli + ["generate", "phantom", "--out", str(cohort), "--n", str(args.subjects), "--spacing", "4", "--seed", str(args.seed)], check=True)
     run = work / "run"
-    t0 = time.time()
     train = cli + ["train", "--method", "vantgan", "--data", str(cohort / "cohort.csv"), "--out", str(run), "--steps", str(args.steps),
                    *GRID, *NETWORK, "--val-every", "50", "--checkpoint-every", "50", "--seed", str(args.seed)]
     if (run / "checkpoint.pt").exists():
         train.append("--resume")
     subprocess.run(train, check=True)
-    minutes = (time.time() - t0) / 60
+    with open(run / "log.csv") as f:
+        logged = list(csv.DictReader(f))
+    # the run may have been stopped and resumed: estimate its compute time from the logged step times
+    minutes = sum(float(r["seconds"]) for r in logged) / len(logged) * int(logged[-1]["step"]) / 60
     SAMPLES.mkdir(exist_ok=True)
     shutil.copy(run / "model.safetensors", SAMPLES / "vantgan_phantom3d.safetensors")
     shutil.copy(run / "log.csv", SAMPLES / "vantgan_phantom3d_log.csv")

@@ -25,7 +25,8 @@ def _planes(array: np.ndarray, spacing_xyz, centre_zyx):
     ]
 
 
-def save_overview_figure(path, image: sitk.Image, attribution: sitk.Image, mask: sitk.Image, counterfactual: sitk.Image | None = None, title: str = "") -> None:
+def save_overview_figure(path, image: sitk.Image, attribution: sitk.Image, mask: sitk.Image, counterfactual: sitk.Image | None = None, title: str = "", region: np.ndarray | None = None) -> None:
+    """`region` (e.g. the head): the slices and colour scale follow the strongest finding inside it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,9 +36,10 @@ def save_overview_figure(path, image: sitk.Image, attribution: sitk.Image, mask:
     amap = sitk.GetArrayFromImage(attribution)
     marr = sitk.GetArrayFromImage(mask)
     cf = sitk.GetArrayFromImage(counterfactual) if counterfactual is not None else None
-    centre = np.unravel_index(int(np.argmax(np.abs(amap))), amap.shape)
+    inside = np.abs(amap) * (region if region is not None else 1)
+    centre = np.unravel_index(int(np.argmax(inside)), amap.shape)
     spacing = image.GetSpacing()
-    vmax = float(np.abs(amap).max()) or 1.0
+    vmax = float(inside.max()) or float(np.abs(amap).max()) or 1.0
     lo, hi = np.percentile(scan, [0.5, 99.5])
     rows = [("input + map", scan, True)] + ([("counterfactual", cf, False)] if cf is not None else [])
     planes = _planes(scan, spacing, centre)
@@ -49,7 +51,7 @@ def save_overview_figure(path, image: sitk.Image, attribution: sitk.Image, mask:
             ax = axes[r, c]
             ax.imshow(vol_slice, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, origin="lower", interpolation="nearest")
             if overlay:
-                shown = np.ma.masked_where(np.abs(map_slice) < 0.05 * vmax, map_slice)
+                shown = np.ma.masked_where(np.abs(map_slice) < 0.2 * vmax, map_slice)  # faint differences stay uncoloured
                 im = ax.imshow(shown, cmap="RdBu_r", vmin=-vmax, vmax=vmax, alpha=0.75, aspect=aspect, origin="lower", interpolation="nearest")
                 if mask_slice.any():
                     ax.contour(mask_slice, levels=[0.5], colors="yellow", linewidths=0.8)

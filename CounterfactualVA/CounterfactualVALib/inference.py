@@ -139,8 +139,10 @@ def run_attribution(
         kind = result.extra_kinds.get(name, "difference")
         outputs[name] = to_input_grid(tensor[0, 0].float().cpu().numpy(), state, image, kind=kind)
         extra_files[name] = kind
-    # Percentile thresholds count head voxels only (a scan is mostly background); synthetic/pre-cropped
-    # images ("image" crop) have no background to leave out.
+    # For head-cropped models the mask marks head voxels only, and the threshold (max-fraction or
+    # percentile) is computed over them: differences in the air around the head are not findings.
+    # Synthetic/pre-cropped images ("image" crop) have no background to leave out. The map itself is
+    # written as the model made it.
     foreground = None
     if config.crop == "foreground":
         foreground = input_array > config.foreground_fraction * float(np.percentile(input_array, 99))
@@ -172,7 +174,7 @@ def run_attribution(
             figure_name = f"{stem}_figure.png"
             save_overview_figure(
                 staging / figure_name, image, attribution, mask, outputs.get("counterfactual"),
-                title=f"{method.title}: {Path(input_path).name}",
+                title=f"{method.title}: {Path(input_path).name}", region=foreground,
             )
         t = mark("write", t)
         timings["total"] = round(time.perf_counter() - t0, 4)

@@ -16,7 +16,8 @@ THRESHOLD_RULES = {"paper": 0.5, "max-fraction": 0.5, "percentile": 99.0, "absol
 
 
 def threshold_map(attribution: np.ndarray, rule: str = "paper", value: float | None = None, foreground: np.ndarray | None = None) -> tuple[np.ndarray, float]:
-    """(mask uint8 0/1, threshold applied to |map|)."""
+    """(mask uint8 0/1, threshold applied to |map|). With `foreground`, the rule looks at those voxels only
+    and the mask never extends outside them."""
     if rule not in THRESHOLD_RULES:
         raise ValueError(f"Unknown threshold rule {rule!r}; choose one of {', '.join(THRESHOLD_RULES)}.")
     if value is None:
@@ -24,20 +25,20 @@ def threshold_map(attribution: np.ndarray, rule: str = "paper", value: float | N
         if value is None:
             raise ValueError("The 'absolute' threshold rule needs a value (--threshold-value).")
     magnitude = np.abs(attribution)
+    region = foreground > 0 if foreground is not None and (foreground > 0).any() else np.ones(magnitude.shape, bool)
     if rule in ("paper", "max-fraction"):
         if not 0 < value <= 1:
             raise ValueError(f"max-fraction threshold must lie in (0, 1], got {value}")
-        threshold = float(value) * float(magnitude.max())
+        threshold = float(value) * float(magnitude[region].max())
     elif rule == "percentile":
         if not 0 <= value <= 100:
             raise ValueError(f"percentile threshold must lie in [0, 100], got {value}")
-        values = magnitude[foreground > 0] if foreground is not None and (foreground > 0).any() else magnitude
-        threshold = float(np.percentile(values, value))
+        threshold = float(np.percentile(magnitude[region], value))
     else:
         threshold = float(value)
     if threshold <= 0:
         return np.zeros(attribution.shape, np.uint8), threshold  # an all-zero map marks nothing
-    return (magnitude >= threshold).astype(np.uint8), threshold
+    return ((magnitude >= threshold) & region).astype(np.uint8), threshold
 
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
