@@ -73,6 +73,51 @@ REQUIRED_PACKAGES = {
     "matplotlib": "matplotlib>=3.7",
 }
 MINIMUM_TORCH_VERSION = "2.8"
+#: the shipped demonstration sample (a phantom scan and a model trained on phantoms), see samples/README.md
+SAMPLE_SCAN = "phantom_atrophy.nii.gz"
+SAMPLE_MODEL = "vantgan_phantom3d.safetensors"
+SAMPLE_CATEGORY = "CounterfactualVA"
+
+
+def sampleDirectories(moduleDir: str | None = None) -> list:
+    """Where the shipped sample files are looked for, in order: the installed module's Resources/Samples
+    (CMake installs them there), then the source tree's samples/ folder (running from a checkout)."""
+    moduleDir = moduleDir or MODULE_DIR
+    return [os.path.join(moduleDir, "Resources", "Samples"), os.path.join(os.path.dirname(moduleDir), "samples")]
+
+
+def sampleFilePath(fileName: str, moduleDir: str | None = None) -> str | None:
+    """Absolute path of a shipped sample file (first folder of :func:`sampleDirectories` that has it), or None."""
+    for folder in sampleDirectories(moduleDir):
+        path = os.path.join(folder, fileName)
+        if os.path.isfile(path):
+            return os.path.abspath(path)
+    return None
+
+
+def registerSampleData() -> bool:
+    """Add the shipped phantom to Slicer's Sample Data module (category 'CounterfactualVA'); True when done.
+
+    Needs the Slicer application and its SampleData module; does nothing (False) elsewhere or when the
+    sample files are not found. The model is not a scene node: the panel offers it as the default model."""
+    scan = sampleFilePath(SAMPLE_SCAN)
+    if scan is None:
+        return False
+    try:
+        import SampleData
+    except ImportError:
+        return False
+    icon = os.path.join(MODULE_DIR, "Resources", "Icons", "CounterfactualVA.png")
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category=SAMPLE_CATEGORY,
+        sampleName="CounterfactualVAPhantomAtrophy",
+        uris=pathlib.Path(scan).as_uri(),
+        fileNames=SAMPLE_SCAN,
+        nodeNames="phantom_atrophy",
+        thumbnailFileName=icon if os.path.isfile(icon) else None,
+        loadFileType="VolumeFile",
+    )
+    return True
 
 
 #
@@ -103,6 +148,19 @@ Methods: VANT-GAN, ANT-GAN, VA-GAN, ICAM, medXGAN, attention-guided CycleGAN and
 built on MONAI and PyTorch. The subprocess design follows SlicerMONAIAuto3DSeg.
 """
         )
+        if HAVE_SLICER_APP and hasattr(slicer, "app"):
+            # After startup, when the SampleData module is loaded (as extensions templates do).
+            try:
+                slicer.app.connect("startupCompleted()", _registerSampleDataSafely)
+            except Exception as exc:  # never let sample registration break the module
+                logging.warning("CounterfactualVA: could not schedule the sample data registration: %s", exc)
+
+
+def _registerSampleDataSafely():
+    try:
+        registerSampleData()
+    except Exception as exc:
+        logging.warning("CounterfactualVA: could not register the sample data: %s", exc)
 
 
 #
@@ -213,6 +271,8 @@ class CounterfactualVAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.inputVolume = firstVolumeNode
         if str(self._parameterNode.modelPath) in ("", "."):
             lastModel = qt.QSettings().value("CounterfactualVA/lastModelPath", "")
+            if not (lastModel and os.path.isfile(lastModel)):
+                lastModel = sampleFilePath(SAMPLE_MODEL)  # the shipped demonstration model (for the sample scan)
             if lastModel and os.path.isfile(lastModel):
                 self._parameterNode.modelPath = pathlib.Path(lastModel)
 
@@ -793,6 +853,114 @@ class CounterfactualVALogic(_LogicBase):
         if not waitForCompletion:
             return process
         return process.wait(timeout=timeout)
+
+    #: columns of the batch summary table made by runOnVolumes (all text; numbers written exactly, '' when absent)
+    BATCH_TABLE_NAME = "CounterfactualVA summary"
+    BATCH_COLUMNS = ("volume", "method", "class_probability", "mask_volume_ml", "mask_voxels", "outputs", "status")
+
+    def runOnVolumes(
+        self,
+        inputVolumeNodes,
+        modelPath,
+        device: str = "auto",
+        thresholdRule: str = "paper",
+        thresholdValue: float | None = None,
+        opacity: float = 0.6,
+        createSegmentation: bool = False,
+        progressCallback: Callable[[float, str], None] | None = None,
+        logCallback: Callable[[str], None] | None = None,
+        timeout: float | None = None,
+        tableNode=None,
+    ):
+        """Run :meth:`run` (blocking) on each volume in turn and summarise the runs in a table node.
+
+        Returns ``(tableNode, results)``: the table ("CounterfactualVA summary", new unless `tableNode` is
+        given, in which case its rows are replaced) has one row per volume with the volume's name, the method,
+        the class probability (``summary["scalars"]["class_probability"]``, empty when the method has none),
+        the mask volume in ml, the mask voxel count, the names of the created nodes and a status ("ok" or
+        "error: <message>"); `results` holds one CounterfactualVAResult per volume, None where it failed. A
+        failing volume does not stop the batch.
+        """
+        volumes = [node for node in inputVolumeNodes if node is not None]
+        if not volumes:
+            raise ValueError("No input volumes: select at least one scalar volume.")
+        scene = volumes[0].GetScene()
+        if scene is None:
+            raise ValueError(f"'{volumes[0].GetName()}' is not in a scene: add it to the scene first.")
+        if tableNode is None:
+            tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", slicer_nodes.unique_name(scene, self.BATCH_TABLE_NAME))
+        table = tableNode.GetTable()
+        wasModifying = tableNode.StartModify()
+        try:
+            tableNode.RemoveAllColumns()
+            for name in self.BATCH_COLUMNS:
+                column = vtk.vtkStringArray()
+                column.SetName(name)
+                table.AddColumn(column)
+            descriptions = {
+                "volume": "Input volume",
+                "method": "Attribution method of the model",
+                "class_probability": "Classifier probability of the input (empty when the method has none)",
+                "mask_volume_ml": "Volume of the attribution mask",
+                "mask_voxels": "Voxels in the attribution mask",
+                "outputs": "Nodes created for this volume",
+                "status": "'ok', or the error that stopped this volume",
+            }
+            for name, description in descriptions.items():
+                tableNode.SetColumnDescription(name, description)
+            tableNode.SetColumnUnitLabel("mask_volume_ml", "ml")
+        finally:
+            tableNode.EndModify(wasModifying)
+
+        def text(value):
+            if value is None:
+                return ""
+            if isinstance(value, float):
+                return repr(value)
+            return str(value)
+
+        results = []
+        count = len(volumes)
+        for index, volume in enumerate(volumes):
+            name = volume.GetName() if volume.GetName() is not None else "(unnamed)"
+
+            def forward(fraction, stage, _index=index, _name=name):
+                if progressCallback:
+                    progressCallback((_index + fraction) / count, f"[{_index + 1}/{count}] {_name}: {stage}")
+
+            row = {"volume": name}
+            try:
+                result = self.run(
+                    volume, modelPath, device=device, thresholdRule=thresholdRule, thresholdValue=thresholdValue,
+                    opacity=opacity, createSegmentation=createSegmentation, waitForCompletion=True,
+                    progressCallback=forward, logCallback=logCallback, timeout=timeout,
+                )
+            except Exception as exc:
+                results.append(None)
+                row["status"] = f"error: {exc}"
+                if logCallback:
+                    logCallback(f"{name}: ERROR: {exc}")
+                else:
+                    logging.warning("CounterfactualVA batch: %s failed: %s", name, exc)
+            else:
+                results.append(result)
+                summary = result.summary or {}
+                row.update(
+                    method=summary.get("method"),
+                    class_probability=(summary.get("scalars") or {}).get("class_probability"),
+                    mask_volume_ml=summary.get("mask_volume_ml"),
+                    mask_voxels=summary.get("mask_voxels"),
+                    outputs="; ".join(node.GetName() for node in result.nodes()),
+                    status="ok",
+                )
+            rowIndex = table.InsertNextBlankRow()
+            for columnIndex, column in enumerate(self.BATCH_COLUMNS):
+                table.GetColumn(columnIndex).SetValue(rowIndex, text(row.get(column)))
+            table.Modified()
+            tableNode.Modified()
+        if progressCallback:
+            progressCallback(1.0, "Done")
+        return tableNode, results
 
     # -- results -------------------------------------------------------------------------------------------
     def loadResults(self, inputVolumeNode, outDir, opacity: float = 0.6, createSegmentation: bool = False, show: bool = True) -> CounterfactualVAResult:
