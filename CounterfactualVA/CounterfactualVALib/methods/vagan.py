@@ -1,0 +1,179 @@
+"""VA-GAN (Baumgartner et al., CVPR 2018: visual feature attribution using Wasserstein GANs).
+
+A map generator M (U-Net, 16/32/64/128 channels, batch norm, ReLU) turns an abnormal image x into a healthy
+looking counterfactual y; a critic (C3D-like, no normalisation, global average pool) is trained with WGAN-GP
+to tell y from real normal images. The generator minimises ``-critic(y) + 100 * mean|y - x|``, so the change
+stays small and local: the signed map ``y - x`` is the attribution.
+
+Counterfactual (config ``"counterfactual"``):
+
+* ``"additive"`` (default): ``y = x + M(x)``, the design table's form; the attribution is exactly ``M(x)``.
+* ``"tanh"``: ``y = tanh(x + M(x))``, the public code's form. With inputs min-max scaled to [-1, 1] it is a
+  poor fit: ``tanh(x) != x``, so even "no change" needs ``M = artanh(x) - x``, which is unbounded at the +-1
+  voxels every min-max image has; the L1 term then fights the background. Offered for comparison only.
+
+Either way the attribution is ``y - x`` (counterfactual minus input) and the L1 penalty is on ``y - x``.
+
+Training (reference-notes "VA-GAN"): WGAN-GP with penalty weight 10 on random interpolates between real normal
+images and y, the gradient norm taken over *all* non-batch axes (the public code sums one axis only); Adam with
+betas (0.0, 0.9), lr 1e-3 for 3D and 1e-4 for 2D unless ``"lr"`` is set; 5 critic updates per generator update,
+100 for the first 25 generator updates and for every 100th. Each critic update draws a fresh batch through
+``ctx.sample_batch()``; the generator update uses the step's own batch. Abnormal images are the generator's
+input; normal images are the critic's "real" class.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..networks.vagan_networks import C3DCritic, MapUNet
+from .base import AttributionResult, Method, TrainingContext
+
+
+def critic_gradient_norm(critic: nn.Module, points: torch.Tensor, create_graph: bool = True) -> torch.Tensor:
+    """Per-sample L2 norm of d critic / d input over every non-batch axis (channels and all spatial axes).
+
+    The critic's scores are summed over the batch before differentiating; since each score depends on its
+    own sample only, the gradient's sample ``i`` is the gradient of score ``i``. A tiny constant under the
+    square root keeps the penalty's own gradient finite where the gradient vanishes.
+    """
+    points = points.detach().requires_grad_(True)
+    scores = critic(points)
+    (grad,) = torch.autograd.grad(scores.sum(), points, create_graph=create_graph)
+    return grad.flatten(1).pow(2).sum(dim=1).add(1e-12).sqrt()
+
+
+def gradient_penalty(
+    critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor, weight: float = 10.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """WGAN-GP: ``weight * mean((||grad critic(alpha * real + (1 - alpha) * fake)|| - 1)^2)``.
+
+    ``alpha`` has shape (batch, 1, ..., 1). Returns the penalty and the per-sample gradient norms.
+    """
+    points = alpha * real.detach() + (1.0 - alpha) * fake.detach()
+    norms = critic_gradient_norm(critic, points)
+    return weight * (norms - 1.0).pow(2).mean(), norms
+
+
+class VAGAN(Method):
+    name = "vagan"
+    title = "VA-GAN"
+    paper = "Visual feature attribution using Wasserstein GANs (Baumgartner et al., CVPR 2018)"
+    outputs = ("counterfactual", "attribution", "mask")
+    inference_networks = ("generator",)
+    attribute_options: dict = {}
+    map_description = "counterfactual minus input = y - x, y = x + M(x) (VA-GAN map generator M)"
+    default_config = {
+        "channels": [16, 32, 64, 128],
+        "critic_channels": [16, 32, 64, 128, 256],
+        "critic_convs_per_stage": [1, 1, 2, 2, 3],
+        "critic_negative_slope": 0.0,
+        "counterfactual": "additive",
+        "lr": None,  # None: 1e-3 for 3D, 1e-4 for 2D (the public configurations)
+        "beta1": 0.0,
+        "beta2": 0.9,
+        "lambda_gp": 10.0,
+        "lambda_l1": 100.0,
+        "critic_iters": 5,
+        "critic_iters_warmup": 100,
+        "warmup_generator_steps": 25,
+        "warmup_every": 100,
+    }
+    # The public 3D configuration: batch 2 with 6 accumulated gradients (effective 12); 2D synthetic used 32.
+    training_defaults = {"batch_size": 12}
+
+    def __init__(self, spatial_dims: int, config: dict | None = None, training: bool = False):
+        super().__init__(spatial_dims, config, training)
+        if self.config["counterfactual"] not in ("additive", "tanh"):
+            raise ValueError(f"vagan: counterfactual must be 'additive' or 'tanh', got {self.config['counterfactual']!r}")
+        if self.config["lr"] is None:
+            self.config["lr"] = 1e-3 if spatial_dims == 3 else 1e-4
+        if self.config["counterfactual"] == "tanh":
+            self.map_description = "counterfactual minus input = y - x, y = tanh(x + M(x)) (VA-GAN map generator M)"
+
+    def build_networks(self, training: bool):
+        c, dims = self.config, self.spatial_dims
+        nets: dict[str, nn.Module] = {"generator": MapUNet(dims, 1, 1, tuple(c["channels"]), norm="BATCH")}
+        if training:
+            nets["critic"] = C3DCritic(
+                dims, 1, tuple(c["critic_channels"]), tuple(c["critic_convs_per_stage"]), c["critic_negative_slope"]
+            )
+        return nets
+
+    # --- model ----------------------------------------------------------------------------------
+    def counterfactual(self, x: torch.Tensor) -> torch.Tensor:
+        y = x + self.networks["generator"](x)
+        return torch.tanh(y) if self.config["counterfactual"] == "tanh" else y
+
+    def attribute(self, x: torch.Tensor, **options) -> AttributionResult:
+        with torch.no_grad():
+            y = self.counterfactual(x)
+        return AttributionResult(attribution=y - x, counterfactual=y)
+
+    # --- training -------------------------------------------------------------------------------
+    def critic_iterations(self, step: int) -> int:
+        """Critic updates before generator update number `step` (0-based)."""
+        c = self.config
+        every = c["warmup_every"]
+        if step < c["warmup_generator_steps"] or (every and step % every == 0):
+            return int(c["critic_iters_warmup"])
+        return int(c["critic_iters"])
+
+    def configure_optimizers(self, total_steps: int):
+        c = self.config
+        betas = (c["beta1"], c["beta2"])
+        return {
+            "generator": (torch.optim.Adam(self.networks["generator"].parameters(), lr=c["lr"], betas=betas), None),
+            "critic": (torch.optim.Adam(self.networks["critic"].parameters(), lr=c["lr"], betas=betas), None),
+        }
+
+    def _critic_update(self, batch: dict[str, torch.Tensor], ctx: TrainingContext) -> tuple[float, float, float]:
+        critic = self.networks["critic"]
+        real, x = batch["normal"], batch["abnormal"]
+        with torch.no_grad(), ctx.autocast():
+            fake = self.counterfactual(x)
+        with ctx.autocast():
+            wasserstein = critic(real).float().mean() - critic(fake).float().mean()
+        # The penalty's double backward runs in float32 whatever the autocast setting.
+        n = min(real.shape[0], fake.shape[0])
+        alpha = ctx.rand(n, *([1] * (real.dim() - 1))).to(real.dtype)
+        penalty, norms = gradient_penalty(critic, real[:n].float(), fake[:n].float(), alpha.float(), self.config["lambda_gp"])
+        ctx.optimize("critic", -wasserstein + penalty)
+        return wasserstein.item(), penalty.item(), norms.mean().item()
+
+    def training_step(self, batch, ctx: TrainingContext):
+        nets, c = self.networks, self.config
+        critic = nets["critic"]
+
+        # Critic: several updates, each on a fresh batch, against the current (fixed) generator.
+        n_critic = self.critic_iterations(ctx.step)
+        nets["generator"].requires_grad_(False)
+        logs = []
+        for _ in range(n_critic):
+            critic_batch = ctx.sample_batch() if ctx.sample_batch is not None else batch
+            logs.append(self._critic_update(critic_batch, ctx))
+        nets["generator"].requires_grad_(True)
+
+        # Generator: look normal to the critic while changing the input as little as possible.
+        critic.requires_grad_(False)
+        x = batch["abnormal"]
+        with ctx.autocast():
+            y = self.counterfactual(x)
+            loss_adv = -critic(y).float().mean()
+            loss_l1 = (y - x).abs().float().mean()
+            loss_g = loss_adv + c["lambda_l1"] * loss_l1
+        ctx.optimize("generator", loss_g)
+        critic.requires_grad_(True)
+
+        wasserstein, penalty, grad_norm = logs[-1] if logs else (float("nan"),) * 3
+        return {
+            "loss_g": loss_g.item(),
+            "loss_adv": loss_adv.item(),
+            "loss_l1": loss_l1.item(),
+            "loss_critic": penalty - wasserstein,
+            "wasserstein": wasserstein,
+            "gradient_penalty": penalty,
+            "critic_grad_norm": grad_norm,
+            "critic_iters": float(n_critic),
+        }

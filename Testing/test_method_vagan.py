@@ -1,0 +1,206 @@
+"""VA-GAN: training step, critic schedule, gradient penalty against finite differences, inference, model file."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from CounterfactualVALib.methods import TrainingContext, create_method
+from CounterfactualVALib.methods.vagan import critic_gradient_norm, gradient_penalty
+from CounterfactualVALib.networks.vagan_networks import C3DCritic, MapUNet
+
+TINY = {
+    "channels": [4, 8, 16],
+    "critic_channels": [4, 8, 8, 16, 16],
+    "critic_iters": 2,
+    "critic_iters_warmup": 3,
+}
+
+
+def _snapshot(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def _changed(module: torch.nn.Module, before: list[torch.Tensor]) -> bool:
+    return any(not torch.equal(b, p.detach()) for b, p in zip(before, module.parameters()))
+
+
+def _context(method, total_steps=10):
+    optimizers = method.configure_optimizers(total_steps)
+    ctx = TrainingContext(torch.device("cpu"), {k: opt for k, (opt, _) in optimizers.items()})
+    ctx.total_steps = total_steps
+    return ctx
+
+
+def _batch(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "normal": torch.rand(2, 1, *shape, generator=g) * 2 - 1,
+        "abnormal": torch.rand(2, 1, *shape, generator=g) * 2 - 1,
+    }
+
+
+def test_lr_default_depends_on_dimensionality_and_is_configurable():
+    assert create_method("vagan", 3).config["lr"] == 1e-3
+    assert create_method("vagan", 2).config["lr"] == 1e-4
+    assert create_method("vagan", 3, {"lr": 5e-4}).config["lr"] == 5e-4
+
+
+def test_critic_schedule():
+    method = create_method("vagan", 2)
+    iters = {step: method.critic_iterations(step) for step in (0, 1, 24, 25, 26, 99, 100, 101, 200, 250)}
+    assert iters == {0: 100, 1: 100, 24: 100, 25: 5, 26: 5, 99: 5, 100: 100, 101: 5, 200: 100, 250: 5}
+
+
+def test_training_step_updates_generator_and_critic_with_fresh_critic_batches():
+    torch.manual_seed(0)
+    method = create_method("vagan", 2, TINY, training=True)
+    ctx = _context(method)
+    drawn = []
+
+    def sample_batch():
+        drawn.append(1)
+        return _batch((16, 16), 100 + len(drawn))
+
+    ctx.sample_batch = sample_batch
+    gen_before, critic_before = _snapshot(method.networks["generator"]), _snapshot(method.networks["critic"])
+    ctx.step = 0  # warm-up: critic_iters_warmup critic updates
+    losses = method.training_step(_batch((16, 16), 0), ctx)
+    assert all(np.isfinite(v) for v in losses.values()), losses
+    assert len(drawn) == 3 and losses["critic_iters"] == 3
+    assert _changed(method.networks["generator"], gen_before)
+    assert _changed(method.networks["critic"], critic_before)
+    assert losses["gradient_penalty"] >= 0
+    ctx.step = 30  # regular step: critic_iters updates
+    method.training_step(_batch((16, 16), 1), ctx)
+    assert len(drawn) == 3 + 2
+
+
+def test_generator_loss_is_adversarial_plus_weighted_l1_of_the_effective_map():
+    torch.manual_seed(0)
+    method = create_method("vagan", 2, {**TINY, "critic_iters_warmup": 1}, training=True)
+    ctx = _context(method)
+    batch = _batch((16, 16), 3)
+    x = batch["abnormal"]
+    with torch.no_grad():
+        y = method.counterfactual(x)  # batch-norm statistics are those of the training forward too
+        expected_l1 = (y - x).abs().mean().item()
+    losses = method.training_step(batch, ctx)
+    assert losses["loss_l1"] == pytest.approx(expected_l1, rel=1e-5)
+    assert losses["loss_g"] == pytest.approx(losses["loss_adv"] + 100.0 * losses["loss_l1"], rel=1e-5)
+
+
+def _finite_difference_gradient(critic, points, eps=1e-6):
+    grad = torch.zeros_like(points)
+    flat = points.reshape(points.shape[0], -1)
+    out = grad.reshape(points.shape[0], -1)
+    with torch.no_grad():
+        for j in range(flat.shape[1]):
+            plus, minus = flat.clone(), flat.clone()
+            plus[:, j] += eps
+            minus[:, j] -= eps
+            out[:, j] = (critic(plus.reshape(points.shape)) - critic(minus.reshape(points.shape))) / (2 * eps)
+    return grad
+
+
+@pytest.mark.parametrize("spatial_dims, shape", [(2, (2, 7, 5)), (3, (2, 4, 3, 5))])
+def test_gradient_penalty_matches_finite_differences_over_all_non_batch_axes(spatial_dims, shape):
+    torch.manual_seed(0)
+    # two input channels: a norm over one axis only (the public code's defect) would miss most of the gradient
+    critic = C3DCritic(spatial_dims, in_channels=shape[0], channels=(3, 4), convs_per_stage=(1, 1), negative_slope=0.2)
+    critic = critic.double()
+    real = torch.rand(3, *shape, dtype=torch.float64) * 2 - 1
+    fake = torch.rand(3, *shape, dtype=torch.float64) * 2 - 1
+    alpha = torch.rand(3, *([1] * len(shape)), dtype=torch.float64)
+    points = alpha * real + (1 - alpha) * fake
+
+    fd = _finite_difference_gradient(critic, points)
+    fd_norm = fd.flatten(1).norm(dim=1)
+    assert torch.all(fd_norm > 0)
+    norms = critic_gradient_norm(critic, points)
+    torch.testing.assert_close(norms, fd_norm, rtol=1e-6, atol=1e-9)
+
+    penalty, penalty_norms = gradient_penalty(critic, real, fake, alpha, weight=10.0)
+    torch.testing.assert_close(penalty_norms, fd_norm, rtol=1e-6, atol=1e-9)
+    assert penalty.item() == pytest.approx(10.0 * ((fd_norm - 1) ** 2).mean().item(), rel=1e-6)
+    # sanity: any single non-batch axis alone gives a different (smaller) norm
+    one_axis = fd.pow(2).sum(dim=1).sqrt().flatten(1).mean(dim=1)
+    assert not torch.allclose(one_axis, fd_norm, rtol=1e-3)
+
+    # the penalty is differentiable with respect to the critic's weights (double backward; biases do not
+    # enter the input gradient)
+    penalty.backward()
+    weights = [p for p in critic.parameters() if p.dim() > 1]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in weights)
+
+
+@pytest.mark.parametrize("spatial_dims, shape", [(2, (32, 32)), (2, (30, 27)), (3, (16, 16, 16)), (3, (15, 12, 17))])
+def test_inference_shapes_and_sign(spatial_dims, shape):
+    torch.manual_seed(0)
+    method = create_method("vagan", spatial_dims, {"channels": [4, 8, 16]}).eval()
+    assert set(method.networks) == {"generator"}
+    x = torch.rand(1, 1, *shape) * 2 - 1
+    result = method.attribute(x)
+    assert result.attribution.shape == x.shape == result.counterfactual.shape
+    torch.testing.assert_close(result.counterfactual - x, result.attribution)
+    with torch.no_grad():
+        torch.testing.assert_close(result.attribution, method.networks["generator"](x))  # additive: map = M(x)
+
+
+def test_tanh_counterfactual_variant():
+    torch.manual_seed(0)
+    method = create_method("vagan", 2, {"channels": [4, 8], "counterfactual": "tanh"}).eval()
+    x = torch.rand(1, 1, 16, 16) * 2 - 1
+    result = method.attribute(x)
+    with torch.no_grad():
+        expected = torch.tanh(x + method.networks["generator"](x))
+    torch.testing.assert_close(result.counterfactual, expected)
+    torch.testing.assert_close(result.attribution, expected - x)
+    assert "tanh" in method.map_description
+    with pytest.raises(ValueError):
+        create_method("vagan", 2, {"counterfactual": "sigmoid"})
+
+
+def test_default_networks_match_the_paper_widths():
+    unet = MapUNet(3)
+    widths = [enc[0].conv.out_channels for enc in unet.encoders]
+    assert widths == [16, 32, 64, 128]
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in C3DCritic(3).modules())
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for m in unet.modules())
+
+
+def test_model_file_round_trip(synthetic_2d, tmp_path):
+    from CounterfactualVALib.inference import run_attribution
+    from CounterfactualVATrainingLib.loop import TrainingConfig, train
+
+    config = TrainingConfig(
+        method="vagan",
+        data=str(synthetic_2d),
+        out=str(tmp_path / "run"),
+        # a coarser model grid than the 32x32 input, so outputs must be resampled back
+        preprocessing={"spatial_dims": 2, "size": [16, 16], "spacing": [2.0, 2.0], "crop": "image", "intensity": "minmax"},
+        method_config={**TINY, "critic_iters_warmup": 2, "critic_iters": 1},
+        steps=2,
+        batch_size=2,
+        val_every=2,
+        checkpoint_every=2,
+        command="pytest vagan",
+    )
+    model = train(config)
+    assert model is not None and Path(model).exists()
+    with open(synthetic_2d) as f:
+        row = next(r for r in csv.DictReader(f) if r["label"] == "1")
+    input_path = Path(synthetic_2d).parent / row["path"]
+    summary = run_attribution(model, input_path, tmp_path / "out", device="cpu", figure=False)
+    assert summary["method"] == "vagan"
+    image = sitk.ReadImage(str(input_path))
+    for name in ("counterfactual", "attribution", "mask"):
+        out = sitk.ReadImage(str(tmp_path / "out" / summary["outputs"][name]))
+        assert out.GetSize() == image.GetSize()
+        assert out.GetSpacing() == pytest.approx(image.GetSpacing())
+        assert np.isfinite(sitk.GetArrayFromImage(out)).all()
