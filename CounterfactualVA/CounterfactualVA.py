@@ -705,7 +705,7 @@ class CounterfactualVALogic(_LogicBase):
             env["CUDA_VISIBLE_DEVICES"] = "-1"
         return env
 
-    def buildCommand(self, modelPath, inputPath, outDir, device="auto", thresholdRule="paper", thresholdValue=None) -> list:
+    def buildCommand(self, modelPath, inputPath, outDir, device="auto", thresholdRule="paper", thresholdValue=None, methodOptions=None) -> list:
         command = [
             self.pythonCommand(), "-m", "CounterfactualVALib.cli", "attribute",
             "--model", str(modelPath), "--input", str(inputPath), "--out", str(outDir),
@@ -713,6 +713,8 @@ class CounterfactualVALogic(_LogicBase):
         ]
         if thresholdValue is not None:
             command += ["--threshold-value", repr(float(thresholdValue))]
+        for key, value in (methodOptions or {}).items():  # e.g. ICAM {"samples": 20}, medXGAN {"inversion_steps": 500}
+            command += ["--option", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
         return command + ["--progress"]
 
     @staticmethod
@@ -817,8 +819,12 @@ class CounterfactualVALogic(_LogicBase):
         logCallback: Callable[[str], None] | None = None,
         timeout: float | None = None,
         cpuFallback: bool = True,
+        methodOptions: dict | None = None,
     ):
         """Explain `inputVolumeNode` with the model in `modelPath`.
+
+        `methodOptions` go to the method's `attribute` (the model's method lists them: e.g. ICAM
+        {"samples": 20, "direction": "to_normal"}, medXGAN {"inversion_steps": 500}, classifier {"explainer": "gradcam"}).
 
         waitForCompletion=True: returns a CounterfactualVAResult (new nodes + summary), raises RuntimeError on
         failure. False: returns the running CounterfactualVAProcess; call poll() until it returns True (then
@@ -841,7 +847,7 @@ class CounterfactualVALogic(_LogicBase):
             stem = re.sub(r"[^A-Za-z0-9._-]+", "_", inputVolumeNode.GetName()).strip("._") or "input"
             inputPath = slicer_nodes.write_volume(inputVolumeNode, os.path.join(tempDir, f"{stem}.nrrd"))
             outDir = os.path.join(tempDir, "output")
-            command = self.buildCommand(os.path.abspath(str(modelPath)), inputPath, outDir, device, thresholdRule, thresholdValue)
+            command = self.buildCommand(os.path.abspath(str(modelPath)), inputPath, outDir, device, thresholdRule, thresholdValue, methodOptions)
             process = CounterfactualVAProcess(
                 self, inputVolumeNode, command, self.childEnvironment(device), tempDir, outDir, opacity,
                 createSegmentation, device, progressCallback, logCallback, cpuFallback,

@@ -148,3 +148,14 @@ def test_extensions_index_description():
     assert entry["scm_revision"] and entry["build_subdirectory"] == "."
     assert entry["build_dependencies"] == ["PyTorch"]
     assert entry["enabled"] is True and entry["tier"] == 1
+
+
+def test_method_options_reach_the_command_line():
+    from CounterfactualVA import CounterfactualVALogic
+
+    command = CounterfactualVALogic().buildCommand("m.safetensors", "in.nrrd", "out", methodOptions={"samples": 12, "explainer": "gradcam"})
+    assert command[command.index("--option") + 1] == "samples=12"
+    assert "explainer=gradcam" in command
+    from CounterfactualVALib.cli import _key_values
+
+    assert _key_values(["samples=12", "explainer=gradcam"]) == {"samples": 12, "explainer": "gradcam"}
