@@ -3,7 +3,7 @@
 * :class:`MapUNet` — the map generator: a U-Net with four resolution levels of 16/32/64/128 channels,
   two 3x3 convolutions with batch norm and ReLU per level, max pooling on the way down, transposed
   convolutions (batch norm, ReLU) on the way up with skip concatenation, and a linear 1x1 convolution to the
-  map (no output activation: the map is a signed intensity change).
+  map (no output activation: the map is a signed intensity change), initialised small so the map starts ~0.
 * :class:`C3DCritic` — the WGAN critic, shaped like C3D (one, one, two, two, three 3x3 convolutions per
   stage at 16/32/64/128/256 channels, ReLU, max pooling between stages) but without any normalisation (batch
   norm would break the per-sample gradient penalty), ending in a 1x1 convolution and a global average pool to
@@ -53,6 +53,7 @@ class MapUNet(nn.Module):
         out_channels: int = 1,
         channels: Sequence[int] = (16, 32, 64, 128),
         norm: str | None = "BATCH",
+        head_init_std: float = 1e-3,
     ):
         super().__init__()
         if len(channels) < 2:
@@ -75,6 +76,11 @@ class MapUNet(nn.Module):
             )
             self.decoders.append(_double_conv(spatial_dims, 2 * c, c, norm, act))
         self.head = Convolution(spatial_dims, channels[0], out_channels, kernel_size=1, conv_only=True)
+        # Start near the identity (map ~ 0): the L1 term then starts at its minimum and the critic decides what
+        # changes, instead of the generator first spending steps shrinking a random initial map. Adam's
+        # per-parameter step size makes the small head weights no obstacle to learning the earlier layers.
+        nn.init.normal_(self.head.conv.weight, 0.0, head_init_std)
+        nn.init.zeros_(self.head.conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
