@@ -75,8 +75,12 @@ class Trainer:
         self.preprocessing = PreprocessingConfig(**config.preprocessing)
         method_class = get_method_class(config.method)
         self.batch_size = config.batch_size or method_class.training_defaults.get("batch_size", 1)
+        method_config = dict(config.method_config)
+        if "grid_size" in method_class.default_config and method_config.get("grid_size") is None:
+            # networks sized by the model grid (e.g. ICAM's latent classifier) must exist before DDP broadcasts them
+            method_config["grid_size"] = list(self.preprocessing.size)
         torch.manual_seed(config.seed)  # initial weights depend on the seed only (rank 0's are broadcast under DDP)
-        self.method = create_method(config.method, self.preprocessing.spatial_dims, config.method_config, training=True)
+        self.method = create_method(config.method, self.preprocessing.spatial_dims, method_config, training=True)
         self.channels_last = self.device.type == "cuda" and config.channels_last
         memory_format = None
         if self.channels_last:

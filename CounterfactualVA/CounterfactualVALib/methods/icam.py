@@ -9,7 +9,8 @@ translates it when the attribute code comes from the other class. Networks: :mod
 
 Training step (one normal image x, label 0, and one abnormal image y, label 1, per step by default):
 
-* reconstructions G(z_c(x), z_a(x)), G(z_c(y), z_a(y)): L1 100 + L2 100;
+* reconstructions G(z_c(x), z_a(x)), G(z_c(y), z_a(y)): L1 100 + L2 100 (image losses are means over the
+  voxels of both images of a pair, the reference's scale);
 * swaps u = G(z_c(x), z_a(y)) (x made abnormal), v = G(z_c(y), z_a(x)) (y made normal); the cross cycle
   re-encodes them and swaps back, G(z_c(u), z_a(v)) ~ x and G(z_c(v), z_a(u)) ~ y: L1 100 + L2 100;
 * feature-attribution maps u - x and v - y kept small: L1 10 (icam.txt: L^M_1 on M_x, M_y);
@@ -20,11 +21,14 @@ Training step (one normal image x, label 0, and one abnormal image y, label 1, p
 * two domain discriminators, D1 on the swaps and D2 on the random-code translations, each with a real/fake patch
   head (BCE with logits: GAN weight 1 for D and G) and a 2-class head trained on real images (weight 1) and used
   on the translations for G with the intended class (weight 5);
-* attribute classification of z_a(x), z_a(y): cross-entropy on two logits, weight 10 (the public code's softmax
+* attribute classification of mu(x), mu(y) (the reference classifies the means of real images and the sampled
+  codes only during rejection sampling): cross-entropy on two logits, weight 10 (the public code's softmax
   before BCE-with-logits is not reproduced);
 * content adversarial: D_c learns the class of z_c (BCE with logits, weight 1); E_c is pushed towards 0.5/0.5
   (BCE against 0.5, weight 1); mean(z_c^2) 0.01;
-* KL(N(mu, sigma^2) || N(0, I)) summed over the latent, averaged over images: 0.01.
+* KL(N(mu, sigma^2) || N(0, I)) summed over the latent and over the two images of a pair: 0.01.
+
+GAN and class losses are averaged over the images of a batch (the reference sums the GAN term over them).
 
 Optimisers: Adam lr 1e-4, betas (0.5, 0.999), weight decay 1e-4 for encoders + generator + classifier and for the
 two domain discriminators; the content discriminator lr 4e-5 with gradient-norm clipping at 5. The learning rate
@@ -39,7 +43,8 @@ maps_i = G(z_c, z_i) - x. The counterfactual is the first sample, G(z_c, z_1) (t
 translation), the attribution counterfactual - x; extras "icam_mean" (mean of the maps) and "icam_std" (their
 per-voxel standard deviation, in image units, >= 0).
 
-The attribute latent's size follows the model grid (grid / 2**len(attribute_channels) per axis), so the linear
+The attribute latent's size follows the model grid (grid / 2**(len(attribute_channels) + 1) per axis: grid / 16
+by default), so the linear
 classifier's input size depends on the grid: config ``grid_size`` (ITK order x, y[, z], like ``--size``). Left
 at None, it is taken from the first training batch (the classifier is a lazy linear layer until then) and written
 into the configuration saved with the model file. Grids whose sides are not multiples of 2**levels are padded
@@ -152,9 +157,6 @@ class ICAM(Method):
     training_defaults = {"batch_size": 1}
 
     # --- networks -------------------------------------------------------------------------------
-    def __init__(self, spatial_dims: int, config: dict | None = None, training: bool = False):
-        super().__init__(spatial_dims, config, training)
-
     @property
     def levels(self) -> int:
         """Halvings from the image grid to the attribute latent's grid."""

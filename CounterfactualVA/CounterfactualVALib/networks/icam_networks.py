@@ -30,7 +30,8 @@ a size (the public code's defect).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +82,7 @@ class ContentEncoder(nn.Module):
         conv = Conv[Conv.CONV, spatial_dims]
         channels = list(channels)
         layers: list[nn.Module] = [conv(in_channels, channels[0], 3, padding=1, padding_mode="reflect"), _leaky()]
-        for c_in, c_out in zip(channels[:-1], channels[1:]):
+        for c_in, c_out in pairwise(channels):
             layers += [
                 conv(c_in, c_out, 3, stride=2, padding=1),
                 Norm[Norm.INSTANCE, spatial_dims](c_out, affine=False),
@@ -133,7 +134,7 @@ class AttributeEncoder(nn.Module):
         conv = Conv[Conv.CONV, spatial_dims]
         channels = list(channels)
         layers: list[nn.Module] = [conv(in_channels, channels[0], 4, stride=2, padding=1, padding_mode="reflect")]
-        layers += [MeanPoolBlock(spatial_dims, a, b) for a, b in zip(channels[:-1], channels[1:])]
+        layers += [MeanPoolBlock(spatial_dims, a, b) for a, b in pairwise(channels)]
         self.trunk = nn.Sequential(*layers)
         self.mu = MeanPoolBlock(spatial_dims, channels[-1], latent_channels)
         self.logvar = MeanPoolBlock(spatial_dims, channels[-1], latent_channels)
