@@ -969,11 +969,17 @@ class CounterfactualVALogic(_LogicBase):
         return tableNode, results
 
     # -- results -------------------------------------------------------------------------------------------
-    def loadResults(self, inputVolumeNode, outDir, opacity: float = 0.6, createSegmentation: bool = False, show: bool = True) -> CounterfactualVAResult:
+    def loadResults(
+        self, inputVolumeNode, outDir, opacity: float = 0.6, createSegmentation: bool = False, show: bool = True,
+        transparentBelowThreshold: bool = True,
+    ) -> CounterfactualVAResult:
         """Load a finished output folder (summary.json + images on the input's grid) into new nodes.
 
         All files are read and checked against the input's geometry before any node enters the scene, so a
-        bad folder adds nothing."""
+        bad folder adds nothing. transparentBelowThreshold: the signed attribution's colour table is
+        transparent for |value| below the mask threshold, so the overlay colours only the attribution that
+        passed it and the scan shows unchanged elsewhere (False: the whole map is drawn, white at zero, tinting
+        the view). Only the display changes: the attribution node holds the map's values either way."""
         summaryPath = os.path.join(outDir, "summary.json")
         if not os.path.isfile(summaryPath):
             raise RuntimeError(f"The attribution finished without a summary ({summaryPath} is missing): the output is incomplete.")
@@ -1007,7 +1013,11 @@ class CounterfactualVALogic(_LogicBase):
             for role, nodeName, node, kind in loaded:
                 slicer_nodes.add_to_scene_like(node, inputVolumeNode, nodeName)
                 added.append(node)
-                if kind == "difference":
+                if role == "attribution" and transparentBelowThreshold:
+                    maskNode = next(loadedNode for loadedRole, _name, loadedNode, _kind in loaded if loadedRole == "mask")
+                    cut = slicer_nodes.overlay_threshold(summary, node, maskNode)
+                    slicer_nodes.show_signed_map(node, transparent_below=cut)
+                elif kind == "difference":
                     slicer_nodes.show_signed_map(node)
                 elif kind == "probability":
                     slicer_nodes.show_probability(node)
@@ -1048,7 +1058,10 @@ class CounterfactualVALogic(_LogicBase):
             return "Counterfactual (healthy-looking counterpart) of the input."
         if role == "attribution":
             sign = summary.get("map_sign", "counterfactual minus input")
-            return f"Signed attribution map: {sign}; displayed with a window centred on 0 (blue negative, red positive)."
+            return (
+                f"Signed attribution map: {sign}; displayed with a window centred on 0 (blue negative, red positive), "
+                "transparent in slice views where |map| is below the mask threshold (the values are the method's)."
+            )
         if role == "mask":
             rule, applied = thresholds.get("rule", "?"), thresholds.get("applied_to_abs_map")
             cut = f"{applied:.4g}" if isinstance(applied, (int, float)) else "?"
@@ -1180,7 +1193,7 @@ class CounterfactualVATest(ScriptedLoadableModuleTest):
             mask = slicer.util.arrayFromVolume(result.mask)
             self.assertTrue(set(np.unique(mask)) <= {0, 1} and mask.any())
             display = result.attribution.GetDisplayNode()
-            self.assertEqual(display.GetColorNode().GetName(), slicer_nodes.DIVERGING_COLOR_NODE_NAME)
+            self.assertTrue(display.GetColorNode().GetName().startswith(slicer_nodes.DIVERGING_COLOR_NODE_NAME))
             self.assertEqual(display.GetLevel(), 0.0)
             fractions = [f for f, _ in self.progress]
             self.assertEqual(fractions, sorted(fractions))

@@ -287,9 +287,14 @@ def test_fixture_outputs_become_new_nodes_on_the_input_grid(scene, tmp_path):
     # values survive LPS <-> RAS and the file round trip
     np.testing.assert_allclose(slicer.util.arrayFromVolume(result.attribution), attribution)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(result.mask), mask)
-    # signed map: diverging table, window centred on zero and covering the largest magnitude
+    # signed map: diverging table, transparent below the mask threshold (half the maximum here), window
+    # centred on zero and covering the largest magnitude
     display = result.attribution.GetDisplayNode()
-    assert display.GetColorNode().GetName() == slicer_nodes.DIVERGING_COLOR_NODE_NAME
+    alphas = [display.GetColorNode().GetLookupTable().GetTableValue(i)[3] for i in range(256)]
+    # the mask threshold is half the maximum here; the overlay is drawn from half of that (a quarter of the window)
+    assert display.GetColorNode().GetName() == f"{slicer_nodes.DIVERGING_COLOR_NODE_NAME} (transparent below 25%)"
+    assert alphas[0] == alphas[96] == alphas[160] == alphas[255] == 1.0  # |v| >= 25 % of the maximum: drawn
+    assert alphas[100] == alphas[128] == alphas[156] == 0.0  # below: not drawn
     assert not display.GetAutoWindowLevel()
     assert display.GetLevel() == 0.0
     assert display.GetWindow() == pytest.approx(2 * np.abs(attribution).max(), rel=1e-6)
@@ -328,6 +333,152 @@ def test_diverging_colour_table_is_symmetric_and_reused(scene, tmp_path):
     np.testing.assert_allclose(rgba[:, 0], rgba[::-1, 2], atol=0.35)  # blue end mirrors red end
     assert rgba[0, 2] > rgba[0, 0] and rgba[-1, 0] > rgba[-1, 2]  # negative blue, positive red
     assert rgba[n // 2, :3].min() > 0.95  # white around zero
+
+
+def _render_red_view(scene, size=96):
+    """The Red slice view's blended RGB image (rows top first) as vtkMRMLSliceLogic computes it for a Slicer
+    slice view (benchmarks/render_slice_views.py), and a function mapping a RAS point to its (row, column)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from render_slice_views import slice_image
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    slice_logic = scene._counterfactualVALogics[3][0]
+    slice_node = slice_logic.GetSliceNode()
+    slice_node.SetOrientation("Axial")
+    slice_node.SetDimensions(size, size, 1)
+    slice_logic.FitSliceToAll()
+    image = slice_image(slice_logic)[..., :3].astype(int)
+    ras_to_xy = vtk.vtkMatrix4x4()
+    vtk.vtkMatrix4x4.Invert(slice_node.GetXYToRAS(), ras_to_xy)
+
+    def pixel(ras):
+        x, y = slicer.util.arrayFromVTKMatrix(ras_to_xy)[:2] @ [*ras, 1.0]
+        return image.shape[0] - 1 - round(float(y)), round(float(x))
+
+    return image, pixel
+
+
+def _overlay_fixture(scene, tmp_path):
+    """A 'scan' with a left-right intensity ramp, and an output folder whose map is weak noise everywhere
+    (|map| < 1.5) plus a strong positive blob (+40) and a strong negative blob (-30); mask |map| >= 20."""
+    shape = (9, 48, 48)
+    i = np.broadcast_to(np.arange(shape[2], dtype=np.float32), shape)
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "T1")
+    slicer.util.updateVolumeFromArray(node, (40.0 + 3.0 * i).astype(np.float32))
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(np.diag([-2.0, -2.0, 2.0, 1.0])))  # LPS-stored, like ITK files
+    node.CreateDefaultDisplayNodes()
+    node.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
+    node.GetDisplayNode().AutoWindowLevelOff()
+    node.GetDisplayNode().SetWindowLevel(220.0, 110.0)
+    attribution = np.random.default_rng(0).uniform(-1.5, 1.5, shape).astype(np.float32)
+    attribution[:, 28:40, 28:40] = 40.0
+    attribution[:, 6:16, 30:42] = -30.0
+    mask = (np.abs(attribution) >= 20.0).astype(np.uint8)
+    out = tmp_path / "out"
+    out.mkdir()
+    reference = sitk.ReadImage(slicer_nodes.write_volume(node, tmp_path / "reference.nrrd"))
+
+    def write(array, name):
+        image = sitk.GetImageFromArray(array)
+        image.CopyInformation(reference)
+        sitk.WriteImage(image, str(out / name))
+        return name
+
+    summary = {
+        "method": "vantgan", "description": "overlay fixture", "map_sign": "counterfactual minus input",
+        "outputs": {"counterfactual": None, "attribution": write(attribution, "T1_attribution.nrrd"), "mask": write(mask, "T1_mask.nrrd")},
+        "thresholds": {"rule": "paper", "value": None, "applied_to_abs_map": 20.0},
+    }
+    (out / "summary.json").write_text(json.dumps(summary))
+    to_ras = slicer_nodes.ijk_to_ras(node)
+
+    def ras(kji):
+        return (to_ras @ [kji[2], kji[1], kji[0], 1.0])[:3]
+
+    return node, out, ras
+
+
+@pytest.mark.parametrize("transparent", [True, False])
+def test_signed_overlay_colours_only_attribution_above_the_threshold(scene, tmp_path, transparent):
+    """Rendered with slicer-core's slice logic (Slicer's own layer blending): with the default
+    transparentBelowThreshold the scan shows unchanged where |map| is below the mask threshold and the blobs
+    are coloured (red positive, blue negative); without it the whole view is tinted."""
+    node, out, ras = _overlay_fixture(scene, tmp_path)
+    before = slicer_nodes.node_state(node)
+    result = CounterfactualVALogic().loadResults(node, out, opacity=0.6, transparentBelowThreshold=transparent)
+    assert_unchanged(node, before)
+    composite = scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
+    composite.SetLabelVolumeID(None)  # judge the foreground overlay alone (the mask label layer is drawn too)
+    overlay, pixel = _render_red_view(scene)
+    composite.SetForegroundOpacity(0.0)
+    scan_only, _ = _render_red_view(scene)
+
+    weak = [pixel(ras(kji)) for kji in ((4, 24, 8), (4, 40, 10), (4, 44, 44), (4, 20, 20))]  # |map| < 1.5
+    strong_positive, strong_negative = pixel(ras((4, 34, 34))), pixel(ras((4, 11, 36)))
+    for row, column in weak + [strong_positive, strong_negative]:
+        grey = scan_only[row, column]
+        assert grey[0] == grey[1] == grey[2] and 40 < grey[0] < 230  # the scan itself: grey anatomy
+    red, blue = overlay[strong_positive], overlay[strong_negative]
+    assert red[0] - red[2] > 40, red  # strong positive attribution: red
+    assert blue[2] - blue[0] > 40, blue  # strong negative attribution: blue
+    tinted = [np.abs(overlay[p] - scan_only[p]).max() for p in weak]
+    if transparent:
+        assert tinted == [0, 0, 0, 0]  # anatomy under weak attribution is exactly the scan's grey
+        assert result.attribution.GetDisplayNode().GetColorNode().GetName().startswith(slicer_nodes.DIVERGING_COLOR_NODE_NAME)
+    else:
+        assert min(tinted) > 20  # the old display: white at zero washes the anatomy out
+    # the displayed node keeps the method's values (only its colour table differs)
+    assert float(slicer.util.arrayFromVolume(result.attribution).max()) == 40.0
+    assert abs(float(slicer.util.arrayFromVolume(result.attribution)[4, 24, 8])) < 1.5
+
+
+def test_overlay_colour_table_draws_every_value_above_the_cut(scene):
+    """A ramp from -10 to 10 rendered over grey: everything with |v| >= cut gets the full diverging colour,
+    nothing below the cut (less 2 % of the window) is drawn."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from render_slice_views import slice_image
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    n = 400
+    background = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "grey")
+    slicer.util.updateVolumeFromArray(background, np.full((1, 1, n), 100.0, np.float32))
+    background.CreateDefaultDisplayNodes()
+    background.GetDisplayNode().AutoWindowLevelOff()
+    background.GetDisplayNode().SetWindowLevel(200.0, 100.0)
+    values = np.linspace(-10, 10, n).astype(np.float32)  # symmetric: |v| is the same read either way
+    ramp = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ramp")
+    slicer.util.updateVolumeFromArray(ramp, values.reshape(1, 1, n))
+    ramp.CreateDefaultDisplayNodes()
+    ramp.GetDisplayNode().SetInterpolate(0)
+    slicer_nodes.show_in_slice_views(scene, background=background, foreground=ramp, foreground_opacity=0.6)
+    slice_logic = scene._counterfactualVALogics[3][0]
+    slice_logic.GetSliceNode().SetDimensions(n, 1, 1)
+    slice_logic.FitSliceToAll()
+    composite = slice_logic.GetSliceCompositeNode()
+    composite.SetForegroundOpacity(0.0)
+    grey = slice_image(slice_logic)[0, :, :3].astype(int)
+    composite.SetForegroundOpacity(0.6)
+    slicer_nodes.show_signed_map(ramp)
+    opaque = slice_image(slice_logic)[0, :, :3].astype(int)
+    magnitude = np.abs(values)
+    for cut in (0.5, 2.0, 5.0, 9.0):
+        assert slicer_nodes.show_signed_map(ramp, transparent_below=cut) == pytest.approx(10.0)
+        row = slice_image(slice_logic)[0, :, :3].astype(int)
+        unchanged = (row == grey).all(axis=1)
+        assert (magnitude[unchanged] < cut).all()
+        assert (row[~unchanged] == opaque[~unchanged]).all()  # drawn: the full diverging colour
+        assert unchanged[magnitude < cut - 0.02 * 20].all()  # below the cut by 2 % of the window: not drawn
+    # tables are made once per band and reused; without a cut the opaque table colours everything
+    slicer_nodes.show_signed_map(ramp, transparent_below=2.0)
+    first = ramp.GetDisplayNode().GetColorNodeID()
+    slicer_nodes.show_signed_map(ramp, transparent_below=2.0)
+    assert ramp.GetDisplayNode().GetColorNodeID() == first
+    slicer_nodes.show_signed_map(ramp)
+    assert ramp.GetDisplayNode().GetColorNode().GetName() == slicer_nodes.DIVERGING_COLOR_NODE_NAME
+    row = slice_image(slice_logic)[0, :, :3].astype(int)
+    assert not (row == grey).all(axis=1).any()
 
 
 def test_segmentation_is_made_from_the_mask_when_asked(scene, tmp_path):

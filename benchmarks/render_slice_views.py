@@ -3,8 +3,9 @@
 Runs ``CounterfactualVALogic().run`` on ``samples/phantom_atrophy.nii.gz`` with
 ``samples/vantgan_phantom3d.safetensors`` in a slicer-core MRML scene (``makeScene()``: the three slice views'
 composite nodes, default colour tables), which sets the layers the way the module does in Slicer: background =
-the scan, foreground = the signed attribution map (the 'CounterfactualVA Diverging' colour table, window
-centred on 0) at the module's default opacity, label = the attribution mask. Each view's vtkMRMLSliceLogic then
+the scan, foreground = the signed attribution map (a 'CounterfactualVA Diverging' colour table, window
+centred on 0, transparent where |map| is below half the mask threshold) at the module's default opacity,
+label = the attribution mask. Each view's vtkMRMLSliceLogic then
 reslices and blends the three layers with its own imaging pipeline (``GetImageDataConnection()``: the very
 RGBA image a Slicer slice view draws; no OpenGL window is needed), and the result is written as a PNG.
 

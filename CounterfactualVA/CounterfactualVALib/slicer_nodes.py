@@ -251,6 +251,38 @@ def _find_color_node(scene, key: str):
     return None
 
 
+_DIVERGING_ANCHORS = {
+    "negative": np.array([0.02, 0.19, 0.58]),  # dark blue
+    "mid_negative": np.array([0.26, 0.58, 0.86]),
+    "white": np.array([1.0, 1.0, 1.0]),
+    "mid_positive": np.array([0.93, 0.40, 0.29]),
+    "positive": np.array([0.60, 0.0, 0.05]),  # dark red
+}
+
+
+def _diverging_rgb(t: float) -> np.ndarray:
+    """Blue - white - red for t in [-1, 1] (white at 0)."""
+    c = _DIVERGING_ANCHORS
+    a = abs(t)
+    high = c["mid_negative"] if t < 0 else c["mid_positive"]
+    end = c["negative"] if t < 0 else c["positive"]
+    return c["white"] + (high - c["white"]) * (a / 0.5) if a <= 0.5 else high + (end - high) * ((a - 0.5) / 0.5)
+
+
+def _make_diverging_table(scene, key: str, name: str, entries: int, alphas, description: str):
+    node = slicer.vtkMRMLColorTableNode()
+    node.SetName(name)
+    node.SetAttribute(COLOR_ATTRIBUTE, key)
+    node.SetTypeToUser()
+    node.SetNumberOfColors(entries)
+    for i in range(entries):
+        rgb = _diverging_rgb(2.0 * i / (entries - 1) - 1.0)
+        node.SetColor(i, "", float(rgb[0]), float(rgb[1]), float(rgb[2]), 1.0 if alphas is None else float(alphas[i]))
+    node.SetDescription(description)
+    scene.AddNode(node)
+    return node
+
+
 def diverging_color_node(scene, entries: int = 256):
     """The 'CounterfactualVA Diverging' colour table (blue - white - red, white at the centre entry), made
     in code on first use and reused afterwards. Pair it with a window centred on 0 (:func:`set_symmetric_window`)
@@ -258,29 +290,59 @@ def diverging_color_node(scene, entries: int = 256):
     node = _find_color_node(scene, "diverging")
     if node is not None:
         return node
-    node = slicer.vtkMRMLColorTableNode()
-    node.SetName(DIVERGING_COLOR_NODE_NAME)
-    node.SetAttribute(COLOR_ATTRIBUTE, "diverging")
-    node.SetTypeToUser()
-    node.SetNumberOfColors(entries)
-    negative = np.array([0.02, 0.19, 0.58])  # dark blue
-    mid_negative = np.array([0.26, 0.58, 0.86])
-    white = np.array([1.0, 1.0, 1.0])
-    mid_positive = np.array([0.93, 0.40, 0.29])
-    positive = np.array([0.60, 0.0, 0.05])  # dark red
-    for i in range(entries):
-        t = 2.0 * i / (entries - 1) - 1.0  # -1 .. 1
-        a = abs(t)
-        low, high = (white, mid_negative) if t < 0 else (white, mid_positive)
-        end = negative if t < 0 else positive
-        rgb = low + (high - low) * (a / 0.5) if a <= 0.5 else high + (end - high) * ((a - 0.5) / 0.5)
-        node.SetColor(i, "", float(rgb[0]), float(rgb[1]), float(rgb[2]), 1.0)
-    node.SetDescription(
+    return _make_diverging_table(
+        scene, "diverging", DIVERGING_COLOR_NODE_NAME, entries, None,
         "Diverging colour map for signed CounterfactualVA maps: blue negative, white zero, red positive. "
-        "Use with a window centred on 0."
+        "Use with a window centred on 0.",
     )
-    scene.AddNode(node)
-    return node
+
+
+#: the signed overlay is transparent where |map| is below this fraction of the mask threshold: the mask's voxels
+#: and their surroundings under the slice view's linear interpolation show (an isolated voxel above the threshold
+#: would otherwise vanish between voxel centres); the diverging colours themselves fade to white towards the cut
+OVERLAY_CUT_FRACTION = 0.5
+
+
+def overlay_alphas(fraction: float, entries: int = 256) -> np.ndarray:
+    """Alpha (0 or 1) of each colour-table entry for a window [-m, m] such that every value with
+    |v| >= fraction * m is drawn and values below it are not.
+
+    Slice views treat a scalar volume's colour-table alpha as on/off (any alpha above 0 draws the voxel at the
+    layer's opacity: measured with vtkMRMLSliceLogic), so there is no fading. They map a value to an entry
+    through window/level (256 grey levels over the window, then the table), so each entry is judged by the
+    largest |v| it can receive plus one entry of margin: values at most ~2 entries (under 1.6 % of m) below
+    the cut may be drawn too, values at or above it always are."""
+    fraction = min(max(float(fraction), 0.0), 1.0)
+    step = 2.0 / entries
+    lower = -1.0 + step * np.arange(entries)
+    largest = np.maximum(np.abs(lower), np.abs(lower + step)) + step
+    return (largest >= fraction).astype(float)
+
+
+def signed_overlay_color_node(scene, fraction: float, entries: int = 256):
+    """A diverging table like :func:`diverging_color_node` whose centre entries are transparent (see
+    :func:`overlay_alphas`): used with a window [-m, m], values with |v| < fraction * m are not drawn in slice
+    views (the layer below shows unchanged) and the others keep the diverging colours. Slice views honour a
+    colour table's alpha for scalar volumes (checked by rendering with vtkMRMLSliceLogic,
+    Testing/test_slicer_logic.py), so this needs no copy of the voxels and the data probe still shows the
+    map's own values.
+
+    One table per distinct transparent band, reused (the 'paper' rule's cut at half the maximum always gives
+    the same one). The opaque table when nothing would be transparent."""
+    alphas = overlay_alphas(fraction, entries)
+    if alphas.min() >= 1.0:
+        return diverging_color_node(scene, entries)
+    hidden = np.flatnonzero(alphas == 0)
+    key = f"diverging-overlay:{entries}:{hidden[0]}:{hidden[-1]}"
+    node = _find_color_node(scene, key)
+    if node is not None:
+        return node
+    percent = 100.0 * fraction
+    return _make_diverging_table(
+        scene, key, f"{DIVERGING_COLOR_NODE_NAME} (transparent below {percent:.3g}%)", entries, alphas,
+        f"Diverging colour map for signed CounterfactualVA overlays (blue negative, red positive), transparent "
+        f"for |value| below {percent:.3g}% of the window's half-width. Use with a window centred on 0.",
+    )
 
 
 def mask_color_node(scene):
@@ -313,11 +375,37 @@ def set_symmetric_window(node, max_abs: float | None = None) -> float:
     return max_abs
 
 
-def show_signed_map(node, max_abs: float | None = None) -> None:
-    """Diverging colours and a window centred on zero."""
+def show_signed_map(node, max_abs: float | None = None, transparent_below: float | None = None) -> float:
+    """Diverging colours and a window [-m, m] centred on zero (m = max |value| unless given); returns m.
+
+    `transparent_below` (a value in the map's units, see :func:`overlay_threshold`): voxels with |value|
+    below it are transparent in slice views (:func:`overlay_alphas`), so a foreground overlay colours the
+    strong attribution and leaves the anatomy underneath untouched elsewhere. None or 0: every voxel is drawn (white
+    at zero), as for maps shown on their own. The voxels are never changed."""
     display = node.GetDisplayNode()
-    display.SetAndObserveColorNodeID(diverging_color_node(node.GetScene()).GetID())
-    set_symmetric_window(node, max_abs)
+    m = set_symmetric_window(node, max_abs)
+    scene = node.GetScene()
+    if transparent_below is not None and transparent_below > 0:
+        color = signed_overlay_color_node(scene, float(transparent_below) / m)
+    else:
+        color = diverging_color_node(scene)
+    display.SetAndObserveColorNodeID(color.GetID())
+    return m
+
+
+def overlay_threshold(summary: dict | None, attribution, mask=None, fraction: float = OVERLAY_CUT_FRACTION) -> float | None:
+    """The |map| below which the signed overlay is transparent: `fraction` of the threshold the mask was made
+    with (``summary["thresholds"]["applied_to_abs_map"]``, else the smallest |map| inside the mask); None when
+    neither is known (then the whole map is drawn)."""
+    applied = ((summary or {}).get("thresholds") or {}).get("applied_to_abs_map")
+    if not (isinstance(applied, (int, float)) and np.isfinite(applied) and applied > 0):
+        applied = None
+        if mask is not None:
+            inside = slicer.util.arrayFromVolume(mask) > 0
+            values = np.abs(slicer.util.arrayFromVolume(attribution))
+            if inside.shape == values.shape and inside.any():
+                applied = float(values[inside].min()) or None
+    return None if applied is None else fraction * float(applied)
 
 
 def show_like(node, reference) -> None:
