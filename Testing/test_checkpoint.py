@@ -39,6 +39,29 @@ def test_pickled_checkpoint_is_refused_without_unpickling(tmp_path):
     assert not marker.exists()
 
 
+def test_bare_pickle_is_refused_and_a_header_length_starting_with_0x80_is_not_mistaken_for_one(tiny_2d_model, tmp_path):
+    """Pickles start with PROTO 0x80; so does a safetensors file whose header length is 128 mod 256 (a real
+    model file hit this). The container check must tell them apart."""
+    import pickle
+
+    bare = tmp_path / "bare.pkl"
+    bare.write_bytes(pickle.dumps({"weights": [1.0, 2.0]}, protocol=4))
+    with pytest.raises(ModelFileError, match="pickled PyTorch checkpoint"):
+        read_metadata(bare)
+    metadata = read_metadata(tiny_2d_model)
+    _, tensors = load_model_file(tiny_2d_model)
+    for pad in range(256):
+        metadata.training["note"] = "x" * pad
+        path = save_model(tmp_path / "model.safetensors", tensors, metadata)
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no padding gave a header length of 128 mod 256")
+    assert read_metadata(path).training["note"] == "x" * pad
+    loaded_metadata, loaded = load_model_file(path)
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+
+
 def test_tampered_weights_fail_the_checksum(tiny_2d_model, tmp_path):
     path = tmp_path / "tampered.safetensors"
     shutil.copy(tiny_2d_model, path)

@@ -87,19 +87,20 @@ def save_model(path: str | os.PathLike, tensors: dict, metadata: ModelMetadata) 
 def _check_container(path: Path) -> None:
     with open(path, "rb") as f:
         head = f.read(16)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= os.path.getsize(path):
+        return  # safetensors: 8-byte header length, then the JSON header (its first byte may be 0x80 too)
+    # torch.save: a zip archive, or a bare pickle (PROTO opcode 0x80 followed by the protocol number 2-5)
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         raise ModelFileError(
             f"{path} is a pickled PyTorch checkpoint (torch.save). Pickle can run arbitrary code, so CounterfactualVA "
             "does not load it. Use a .safetensors model file written by `counterfactualva train` (or ask its author for one)."
         )
     if len(head) < 9:
         raise ModelFileError(f"{path} is too short to be a model file ({len(head)} bytes). It is truncated or not a model file.")
-    header_len = struct.unpack("<Q", head[:8])[0]
-    if head[8:9] != b"{" or header_len > os.path.getsize(path):
-        raise ModelFileError(
-            f"{path} is not a safetensors model file (unrecognised header). Pass the .safetensors file written by "
-            "`counterfactualva train`."
-        )
+    raise ModelFileError(
+        f"{path} is not a safetensors model file (unrecognised header). Pass the .safetensors file written by "
+        "`counterfactualva train`."
+    )
 
 
 def read_metadata(path: str | os.PathLike) -> ModelMetadata:
