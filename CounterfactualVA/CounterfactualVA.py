@@ -183,6 +183,7 @@ if parameterNodeWrapper is not None:
         thresholdValue: Annotated[float, WithinRange(0.0, 1e6)] = 0.0
         opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
         createSegmentation: bool = False
+        transparentBelowThreshold: bool = True
 
 else:
     CounterfactualVAParameterNode = None
@@ -208,6 +209,7 @@ class CounterfactualVAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._result = None
         self._timer = None
         self._lastStage = None
+        self._optionRows = []  # (spec, label, editor) of the method options form
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -227,6 +229,8 @@ class CounterfactualVAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self._updateModelInfo)
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self._onOpacityChanged)
+        self.ui.showAdvancedOptionsCheckBox.connect("toggled(bool)", self._showAdvancedOptions)
+        self.ui.resetOptionsButton.connect("clicked(bool)", self._resetMethodOptions)
         self.ui.progressBar.hide()
 
         self.initializeParameterNode()
@@ -301,6 +305,90 @@ class CounterfactualVAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateModelInfo(self, path=None):
         path = self.ui.modelPathLineEdit.currentPath if path is None else path
         self.ui.modelInfoLabel.text = self.logic.modelInfo(path) if path else _("Select a model file (.safetensors).")
+        self._rebuildMethodOptions(path)
+
+    # -- method options: one form row per option of the model's method (CounterfactualVALib.method_options) --
+    def _rebuildMethodOptions(self, path):
+        layout = self.ui.methodOptionsFormWidget.layout()
+        for _spec, label, editor in self._optionRows:
+            layout.removeWidget(label)
+            layout.removeWidget(editor)
+            label.deleteLater()
+            editor.deleteLater()
+        self._optionRows = []
+        try:
+            haveModel = bool(path) and os.path.isfile(path)
+            specs = self.logic.methodOptionSpecs(path) if haveModel else []
+            message = _("This model's method has no options.") if haveModel else _("Select a model file to see its method's options.")
+        except Exception as exc:  # noqa: BLE001  (unreadable model, packages not installed yet: say so, no rows)
+            specs, message = [], _("Options not available: {error}").format(error=exc)
+        self.ui.methodOptionsLabel.text = message
+        self.ui.methodOptionsLabel.visible = not specs
+        for spec in specs:
+            label = qt.QLabel(spec.label + ":")
+            editor = self._optionEditor(spec)
+            label.toolTip = editor.toolTip = spec.tooltip
+            layout.addRow(label, editor)
+            self._optionRows.append((spec, label, editor))
+        self.ui.showAdvancedOptionsCheckBox.visible = any(spec.advanced for spec in specs)
+        self.ui.resetOptionsButton.visible = bool(specs)
+        self._showAdvancedOptions(self.ui.showAdvancedOptionsCheckBox.checked)
+
+    @staticmethod
+    def _optionEditor(spec):
+        if spec.type == "bool":
+            return qt.QCheckBox()
+        if spec.type == "choice":
+            editor = qt.QComboBox()
+            editor.addItems([str(choice) for choice in spec.choices])
+        elif spec.type in ("int", "float"):
+            editor = qt.QSpinBox() if spec.type == "int" else qt.QDoubleSpinBox()
+            if spec.type == "float":
+                editor.decimals = spec.decimals if spec.decimals is not None else 4
+            if spec.step is not None:
+                editor.singleStep = spec.step
+            editor.minimum = spec.minimum if spec.minimum is not None else -(2**31 - 1)
+            editor.maximum = spec.maximum if spec.maximum is not None else 2**31 - 1
+        else:
+            editor = qt.QLineEdit()
+        CounterfactualVAWidget._setOptionValue(spec, editor, spec.default)
+        return editor
+
+    @staticmethod
+    def _setOptionValue(spec, editor, value):
+        if spec.type == "bool":
+            editor.checked = bool(value)
+        elif spec.type == "choice":
+            editor.currentText = str(value)
+        elif spec.type in ("int", "float"):
+            editor.value = value
+        else:
+            editor.text = str(value)
+
+    @staticmethod
+    def _optionValue(spec, editor):
+        if spec.type == "bool":
+            return editor.checked
+        if spec.type == "choice":
+            return editor.currentText
+        if spec.type in ("int", "float"):
+            return editor.value
+        return editor.text
+
+    def _showAdvancedOptions(self, show):
+        for spec, label, editor in self._optionRows:
+            label.visible = editor.visible = bool(show) or not spec.advanced
+
+    def _resetMethodOptions(self):
+        for spec, _label, editor in self._optionRows:
+            self._setOptionValue(spec, editor, spec.default)
+
+    def methodOptions(self) -> dict:
+        """The form's values that differ from the method's defaults (``--option key=value`` of the run)."""
+        from CounterfactualVALib.method_options import collect_options
+
+        specs = [spec for spec, _label, _editor in self._optionRows]
+        return collect_options(specs, {spec.name: self._optionValue(spec, editor) for spec, _label, editor in self._optionRows})
 
     def _onOpacityChanged(self, value):
         if self._result is not None:
@@ -314,6 +402,10 @@ class CounterfactualVAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.thresholdRuleComboBox,
             self.ui.thresholdValueSpinBox,
             self.ui.createSegmentationCheckBox,
+            self.ui.transparentBelowThresholdCheckBox,
+            self.ui.methodOptionsFormWidget,
+            self.ui.showAdvancedOptionsCheckBox,
+            self.ui.resetOptionsButton,
         ):
             widget.enabled = enabled
 
@@ -349,6 +441,8 @@ class CounterfactualVAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 thresholdValue=p.thresholdValue if p.thresholdValue > 0 else None,
                 opacity=p.opacity,
                 createSegmentation=p.createSegmentation,
+                transparentBelowThreshold=p.transparentBelowThreshold,
+                methodOptions=self.methodOptions(),
                 waitForCompletion=False,
                 progressCallback=self._onProgress,
                 logCallback=self._addLog,
@@ -440,15 +534,15 @@ class CounterfactualVAProcess:
     deletes the temporary folder and creates nothing.
     """
 
-    def __init__(self, logic, inputNode, command, env, tempDir, outDir, opacity, createSegmentation, device, progressCallback=None, logCallback=None, cpuFallback=True):
+    def __init__(self, logic, inputNode, command, env, tempDir, outDir, device, loadOptions=None, progressCallback=None, logCallback=None, cpuFallback=True):
         self.logic = logic
         self.inputNode = inputNode
         self.command = list(command)
         self.env = env
         self.tempDir = tempDir
         self.outDir = outDir
-        self.opacity = opacity
-        self.createSegmentation = createSegmentation
+        #: keyword arguments of CounterfactualVALogic.loadResults (opacity, createSegmentation, ...)
+        self.loadOptions = dict(loadOptions or {})
         self.device = device
         self.progressCallback = progressCallback
         self.logCallback = logCallback or (lambda line: logging.info(line))
@@ -556,7 +650,7 @@ class CounterfactualVAProcess:
             return self._fail(message)
         try:
             self._report(0.99, "Loading results into the scene")
-            self.result = self.logic.loadResults(self.inputNode, self.outDir, opacity=self.opacity, createSegmentation=self.createSegmentation)
+            self.result = self.logic.loadResults(self.inputNode, self.outDir, **self.loadOptions)
         except Exception as exc:
             return self._fail(str(exc))
         self._cleanup()
@@ -714,8 +808,28 @@ class CounterfactualVALogic(_LogicBase):
         if thresholdValue is not None:
             command += ["--threshold-value", repr(float(thresholdValue))]
         for key, value in (methodOptions or {}).items():  # e.g. ICAM {"samples": 20}, medXGAN {"inversion_steps": 500}
-            command += ["--option", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+            command += ["--option", f"{key}={self._optionText(value)}"]
         return command + ["--progress"]
+
+    @staticmethod
+    def _optionText(value) -> str:
+        """How the command line's `--option key=value` gets `value` back: JSON, except plain strings that JSON
+        would read as something else (the command line parses JSON first, then keeps the text)."""
+        if not isinstance(value, str):
+            return json.dumps(value)
+        try:
+            json.loads(value)
+        except json.JSONDecodeError:
+            return value
+        return json.dumps(value)
+
+    def methodOptionSpecs(self, modelPath) -> list:
+        """The attribution options of the model's method as form rows (``method_options.OptionSpec``: name,
+        type, default, choices/range, label, tooltip, advanced), read from the model's metadata without
+        loading weights; raises ValueError/ModelFileError when the file is not usable."""
+        from CounterfactualVALib.method_options import option_specs_for_model
+
+        return option_specs_for_model(str(modelPath))
 
     @staticmethod
     def missingPythonPackages() -> list:
@@ -774,10 +888,11 @@ class CounterfactualVALogic(_LogicBase):
         pre = metadata.preprocessing
         training = metadata.training or {}
         normal = metadata.classes[metadata.normal_class] if metadata.classes else "?"
+        outputs = f" Outputs: {', '.join(metadata.outputs)}." if metadata.outputs else ""
         return (
             f"{metadata.method} ({pre.get('spatial_dims')}D), model grid {pre.get('size')} at {pre.get('spacing')} mm; "
             f"classes {metadata.classes} (normal: {normal}); trained {training.get('steps', '?')} steps on "
-            f"{training.get('data_summary', 'unknown data')}."
+            f"{training.get('data_summary', 'unknown data')}.{outputs}"
         )
 
     # -- running -------------------------------------------------------------------------------------------
@@ -820,11 +935,14 @@ class CounterfactualVALogic(_LogicBase):
         timeout: float | None = None,
         cpuFallback: bool = True,
         methodOptions: dict | None = None,
+        transparentBelowThreshold: bool = True,
     ):
         """Explain `inputVolumeNode` with the model in `modelPath`.
 
-        `methodOptions` go to the method's `attribute` (the model's method lists them: e.g. ICAM
-        {"samples": 20, "direction": "to_normal"}, medXGAN {"inversion_steps": 500}, classifier {"explainer": "gradcam"}).
+        `methodOptions` go to the method's `attribute` (the model's method lists them, see
+        :meth:`methodOptionSpecs`: e.g. ICAM {"samples": 20, "direction": "to_normal"}, medXGAN
+        {"inversion_steps": 500}, classifier {"explainer": "gradcam"}). `opacity`, `createSegmentation` and
+        `transparentBelowThreshold` are how the results are shown (see :meth:`loadResults`).
 
         waitForCompletion=True: returns a CounterfactualVAResult (new nodes + summary), raises RuntimeError on
         failure. False: returns the running CounterfactualVAProcess; call poll() until it returns True (then
@@ -848,9 +966,10 @@ class CounterfactualVALogic(_LogicBase):
             inputPath = slicer_nodes.write_volume(inputVolumeNode, os.path.join(tempDir, f"{stem}.nrrd"))
             outDir = os.path.join(tempDir, "output")
             command = self.buildCommand(os.path.abspath(str(modelPath)), inputPath, outDir, device, thresholdRule, thresholdValue, methodOptions)
+            loadOptions = {"opacity": opacity, "createSegmentation": createSegmentation, "transparentBelowThreshold": transparentBelowThreshold}
             process = CounterfactualVAProcess(
-                self, inputVolumeNode, command, self.childEnvironment(device), tempDir, outDir, opacity,
-                createSegmentation, device, progressCallback, logCallback, cpuFallback,
+                self, inputVolumeNode, command, self.childEnvironment(device), tempDir, outDir, device, loadOptions,
+                progressCallback, logCallback, cpuFallback,
             )
             process.start()
         except BaseException:
@@ -868,17 +987,15 @@ class CounterfactualVALogic(_LogicBase):
         self,
         inputVolumeNodes,
         modelPath,
-        device: str = "auto",
-        thresholdRule: str = "paper",
-        thresholdValue: float | None = None,
-        opacity: float = 0.6,
-        createSegmentation: bool = False,
         progressCallback: Callable[[float, str], None] | None = None,
         logCallback: Callable[[str], None] | None = None,
-        timeout: float | None = None,
         tableNode=None,
+        **runOptions,
     ):
         """Run :meth:`run` (blocking) on each volume in turn and summarise the runs in a table node.
+
+        `runOptions` are :meth:`run`'s keywords (device, thresholdRule, thresholdValue, opacity,
+        createSegmentation, timeout, methodOptions, ...), the same for every volume.
 
         Returns ``(tableNode, results)``: the table ("CounterfactualVA summary", new unless `tableNode` is
         given, in which case its rows are replaced) has one row per volume with the volume's name, the method,
@@ -887,6 +1004,8 @@ class CounterfactualVALogic(_LogicBase):
         "error: <message>"); `results` holds one CounterfactualVAResult per volume, None where it failed. A
         failing volume does not stop the batch.
         """
+        if "waitForCompletion" in runOptions:
+            raise TypeError("runOnVolumes always waits for each run; do not pass waitForCompletion.")
         volumes = [node for node in inputVolumeNodes if node is not None]
         if not volumes:
             raise ValueError("No input volumes: select at least one scalar volume.")
@@ -936,11 +1055,7 @@ class CounterfactualVALogic(_LogicBase):
 
             row = {"volume": name}
             try:
-                result = self.run(
-                    volume, modelPath, device=device, thresholdRule=thresholdRule, thresholdValue=thresholdValue,
-                    opacity=opacity, createSegmentation=createSegmentation, waitForCompletion=True,
-                    progressCallback=forward, logCallback=logCallback, timeout=timeout,
-                )
+                result = self.run(volume, modelPath, waitForCompletion=True, progressCallback=forward, logCallback=logCallback, **runOptions)
             except Exception as exc:
                 results.append(None)
                 row["status"] = f"error: {exc}"
