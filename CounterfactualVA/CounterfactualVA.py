@@ -47,6 +47,7 @@ from CounterfactualVALib import slicer_nodes  # noqa: E402
 from CounterfactualVALib.slicer_module_support import (  # noqa: E402  (stand-ins under slicer-core)
     HAVE_SLICER_APP,
     Choice,
+    ParameterNodeWidgetMixin,
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
@@ -194,7 +195,7 @@ else:
 #
 
 
-class CounterfactualVAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Thin panel: binds the .ui to the parameter node and drives CounterfactualVALogic."""
 
     POLL_INTERVAL_MS = 200
@@ -249,46 +250,25 @@ class CounterfactualVAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 importlib.reload(sys.modules[name])
         ScriptedLoadableModuleWidget.onReload(self)
 
-    def enter(self):
-        self.initializeParameterNode()
-
-    def exit(self):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-
-    def onSceneStartClose(self, caller, event):
+    # enter/exit/scene close/parameter node: ParameterNodeWidgetMixin; these are its hooks
+    def beforeSceneClose(self):
         self._cancelProcess()
         self._result = None
-        self.setParameterNode(None)
 
-    def onSceneEndClose(self, caller, event):
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self):
-        self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
+    def setDefaultParameters(self, parameterNode):
+        if not parameterNode.inputVolume:
             firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolumeNode and not firstVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
-                self._parameterNode.inputVolume = firstVolumeNode
-        if str(self._parameterNode.modelPath) in ("", "."):
+                parameterNode.inputVolume = firstVolumeNode
+        if str(parameterNode.modelPath) in ("", "."):
             lastModel = qt.QSettings().value("CounterfactualVA/lastModelPath", "")
             if not (lastModel and os.path.isfile(lastModel)):
                 lastModel = sampleFilePath(SAMPLE_MODEL)  # the shipped demonstration model (for the sample scan)
             if lastModel and os.path.isfile(lastModel):
-                self._parameterNode.modelPath = pathlib.Path(lastModel)
+                parameterNode.modelPath = pathlib.Path(lastModel)
 
-    def setParameterNode(self, inputParameterNode):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-            self._checkCanApply()
+    def refreshFromParameterNode(self):
+        self._checkCanApply()
 
     def _checkCanApply(self, caller=None, event=None):
         if self._process is not None:

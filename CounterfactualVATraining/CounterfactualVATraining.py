@@ -62,6 +62,7 @@ _addLibraryPaths()
 from CounterfactualVALib.slicer_module_support import (  # noqa: E402  (stand-ins under slicer-core)
     HAVE_SLICER_APP,
     Choice,
+    ParameterNodeWidgetMixin,
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
@@ -234,7 +235,7 @@ def _pathText(value) -> str:
 #
 
 
-class CounterfactualVATrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class CounterfactualVATrainingWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Thin panel: binds the .ui to the parameter node and drives CounterfactualVATrainingLogic."""
 
     POLL_INTERVAL_MS = 500
@@ -288,34 +289,9 @@ class CounterfactualVATrainingWidget(ScriptedLoadableModuleWidget, VTKObservatio
             importlib.reload(sys.modules[name])
         ScriptedLoadableModuleWidget.onReload(self)
 
-    def enter(self):
-        self.initializeParameterNode()
-
-    def exit(self):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-
-    def onSceneStartClose(self, caller, event):
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event):
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self):
-        self.setParameterNode(self.logic.getParameterNode())
-
-    def setParameterNode(self, inputParameterNode):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-            self._updateButtons()
+    # enter/exit/scene close/parameter node: ParameterNodeWidgetMixin; this is its hook
+    def refreshFromParameterNode(self):
+        self._updateButtons()
 
     # -- state ---------------------------------------------------------------------------------------------
     def _usesFolders(self):

@@ -77,3 +77,68 @@ try:
     import qt
 except ImportError:
     qt = None
+
+
+# --- the panels' parameter-node lifecycle (shared by CounterfactualVA and CounterfactualVATraining) ---------
+
+
+class ParameterNodeWidgetMixin:
+    """enter/exit, scene close and parameter-node wiring of a scripted module panel, as Slicer's module
+    template writes them. The widget sets ``self.logic``, ``self.ui``, ``self._parameterNode = None`` and
+    ``self._parameterNodeGuiTag = None``, observes the scene's StartClose/EndClose events with
+    :meth:`onSceneStartClose`/:meth:`onSceneEndClose`, and implements :meth:`refreshFromParameterNode`
+    (called when the parameter node changes); optional hooks: :meth:`beforeSceneClose` and
+    :meth:`setDefaultParameters`. Needs VTKObservationMixin (addObserver/removeObserver)."""
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self._observeParameterNode(False)
+
+    def onSceneStartClose(self, caller, event):
+        self.beforeSceneClose()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if self._parameterNode:
+            self.setDefaultParameters(self._parameterNode)
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._observeParameterNode(False)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._observeParameterNode(True)
+            self.refreshFromParameterNode()
+
+    def _observeParameterNode(self, observe: bool):
+        import vtk
+
+        if observe:
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        else:
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+
+    def _onParameterNodeModified(self, caller=None, event=None):
+        self.refreshFromParameterNode()
+
+    # hooks
+    def refreshFromParameterNode(self):
+        """Update what the parameter node does not bind itself (buttons, enabled states)."""
+
+    def beforeSceneClose(self):
+        """Called before the scene closes (e.g. cancel a running process)."""
+
+    def setDefaultParameters(self, parameterNode):
+        """Fill empty parameters with defaults after the node is connected (e.g. the first volume)."""
