@@ -1,4 +1,4 @@
-"""`counterfactualva` command line: attribute, train, generate, evaluate, info.
+"""`counterfactualva` command line: attribute, train, generate, evaluate, protocol, info.
 
 The Slicer module runs `python -m CounterfactualVALib.cli attribute ... --progress` in a subprocess and
 reads `PROGRESS <fraction> <stage>` lines from stdout; a failure ends with exit code 2 (bad input) or 1
@@ -132,6 +132,13 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_protocol(args) -> int:
+    from .protocol import run_protocol
+
+    run_protocol(args.config, out=args.out, device=args.device)
+    return 0
+
+
 def cmd_info(args) -> int:
     from .checkpoint import read_metadata
 
@@ -203,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default=None, help="write the results as JSON")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("protocol", help="run an evaluation protocol end to end: data, training, evaluation, table, figure")
+    p.add_argument("config", help="protocol file (JSON), e.g. benchmarks/protocols/vantgan_table1.json")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<protocol file name>); finished stages are reused")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_protocol)
 
     p = sub.add_parser("info", help="print a model file's metadata (no weights are loaded)")
     p.add_argument("model")

@@ -5,6 +5,15 @@
 - NCC: Pearson r of |map| with |ground truth| (icam 4.1); for abnormal->normal maps this is ICAM's "-" direction.
 - Counterfactual validity (ag-cyclegan Table 2): an independently trained classifier's accuracy on the abnormal
   test images before translation, and the fraction of their counterfactuals it calls normal.
+- Perturbation drop (medxgan Table 2): the top `fraction` of head voxels by |map| are replaced by the image's
+  mean intensity and the drop of the classifier's P(abnormal) is averaged. The paper perturbs "the salient
+  features" without saying how many; a fixed voxel budget makes methods comparable (a mask from each map's own
+  threshold would reward large masks), and a random-voxel budget of the same size is the reference.
+- medXGAN inversion convergence (medxgan Table 3): repeated inversions of one image from random N(0, I) starts
+  of both codes; mean pairwise cosine similarity of the concatenated codes and SSIM (MONAI) of the images.
+- LIG/IG attributed-voxel ratio (medxgan section 4.2): voxels whose |attribution| exceeds 1 % of the map's
+  maximum under latent IG, divided by the same count under pixel IG on the same frozen classifier. The paper
+  counts "non-zero" pixels; float maps are never exactly zero, so a relative tolerance stands for zero.
 
 Maps are compared on the model grid (ground truth resampled with the same preprocessing), which is what the
 papers do on their fixed-size images.
@@ -12,7 +21,9 @@ papers do on their fixed-size images.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -25,19 +36,36 @@ from .preprocessing import PreprocessingConfig
 from .transforms import LoadPreprocessd
 
 FRACTIONS = tuple(np.round(np.arange(0.05, 1.0, 0.05), 2))
+#: |attribution| above this fraction of the map's maximum counts as "attributed" (LIG/IG ratio)
+ATTRIBUTED_TOLERANCE = 0.01
 
 
-def _load_split(records, config: PreprocessingConfig, limit: int | None):
+# --- data ---------------------------------------------------------------------------------------
+def load_items(records, config: PreprocessingConfig, limit: int | None = None):
+    """[(image tensor (1, 1, *grid), ground-truth map on the grid or None, label)] with the model's preprocessing."""
     transform = LoadPreprocessd(config)
     items = []
     for record in records[: limit or len(records)]:
-        item = transform({"image": record["path"], "mask": record.get("mask")})
-        items.append((torch.from_numpy(item["image"])[None], item["mask"][0], int(record["label"])))
+        item = transform({"image": record["path"], "mask": record.get("mask") or None})
+        truth = item["mask"][0] if item.get("mask") is not None else None
+        items.append((torch.from_numpy(item["image"])[None], truth, int(record["label"])))
     return items
 
 
+def abnormal_with_truth(records, split: str):
+    return [r for r in records if r.get("split") == split and r["label"] == 1 and r.get("mask")]
+
+
+def load_split(data_csv, config: PreprocessingConfig, split: str, limit: int | None = None):
+    items = load_items(abnormal_with_truth(read_cohort_csv(data_csv), split), config, limit)
+    if not items and split != "val":
+        raise ValueError(f"{data_csv} has no abnormal subjects with a ground-truth mask in split {split!r}; nothing to evaluate.")
+    return items
+
+
+# --- maps and scores ----------------------------------------------------------------------------
 @torch.no_grad()
-def _maps(method, items, device, options, batch_size: int = 8):
+def compute_maps(method, items, device, options, batch_size: int = 8):
     maps, counterfactuals = [], []
     for start in range(0, len(items), batch_size):
         x = torch.cat([it[0] for it in items[start : start + batch_size]]).to(device)
@@ -48,7 +76,7 @@ def _maps(method, items, device, options, batch_size: int = 8):
     return maps, counterfactuals
 
 
-def _scores(maps, truths, fraction):
+def score_maps(maps, truths, fraction):
     out = {"dice": [], "iou": [], "ncc": []}
     for amap, truth in zip(maps, truths):
         truth_mask = np.abs(truth) > 1e-6
@@ -59,6 +87,145 @@ def _scores(maps, truths, fraction):
     return out
 
 
+def summarize_scores(maps, truths, val_maps=None, val_truths=None) -> dict:
+    """Paper-rule means and standard deviations, plus the validation-chosen threshold applied to the test maps."""
+    paper = score_maps(maps, truths, 0.5)
+    result = {
+        "n": len(maps),
+        "paper_rule": {k: float(np.mean(v)) for k, v in paper.items()},
+        "paper_rule_std": {k: float(np.std(v)) for k, v in paper.items()},
+    }
+    if val_maps:
+        best = max(FRACTIONS, key=lambda f: np.mean(score_maps(val_maps, val_truths, f)["dice"]))
+        tuned = score_maps(maps, truths, best)
+        result["validation_threshold"] = {"fraction_of_max": float(best), **{k: float(np.mean(v)) for k, v in tuned.items() if k != "ncc"}}
+    return result
+
+
+# --- classifier-based checks --------------------------------------------------------------------
+def load_judge(judge_model, device):
+    """The independent classifier network (eval mode, frozen) of a classifier model file."""
+    from .methods.classifier import ClassifierBaseline
+
+    return ClassifierBaseline.load_classifier(judge_model, device)
+
+
+@torch.no_grad()
+def _p_abnormal(net, x: torch.Tensor) -> torch.Tensor:
+    return net(x).float().softmax(1)[:, 1]
+
+
+@torch.no_grad()
+def counterfactual_validity(judge, inputs, counterfactuals, device) -> dict:
+    """Accuracy of an independent classifier on the abnormal inputs, and the share of counterfactuals it calls normal.
+
+    `judge` is a classifier network or the path of a classifier model file.
+    """
+    net = judge if isinstance(judge, torch.nn.Module) else load_judge(judge, device)
+    before = _p_abnormal(net, torch.cat(inputs).to(device))
+    out = {"n": len(inputs), "abnormal_inputs_called_abnormal": float((before > 0.5).float().mean())}
+    if any(cf is None for cf in counterfactuals):
+        out["note"] = "method produces no counterfactual"
+        return out
+    cf = torch.from_numpy(np.stack(counterfactuals))[:, None].to(device).clamp(-1, 1)
+    out["counterfactuals_called_normal"] = float((_p_abnormal(net, cf) <= 0.5).float().mean())
+    return out
+
+
+def _head_region(image: np.ndarray) -> np.ndarray:
+    """Voxels above the image's background floor (the whole image for noise-filled synthetic images)."""
+    region = image > image.min() + 1e-3
+    return region if region.any() else np.ones(image.shape, bool)
+
+
+def perturb_top_voxels(image: np.ndarray, amap: np.ndarray | None, fraction: float, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The image with its top `fraction` of head voxels by |map| (random voxels if `amap` is None) set to the image mean."""
+    region = _head_region(image)
+    candidates = np.flatnonzero(region)
+    k = max(1, math.ceil(fraction * len(candidates)))
+    if amap is None:
+        chosen = rng.choice(candidates, size=k, replace=False)
+    else:
+        scores = np.abs(amap).ravel()[candidates]
+        chosen = candidates[np.argsort(-scores, kind="stable")[:k]]
+    out = image.copy().ravel()
+    out[chosen] = image.mean()
+    return out.reshape(image.shape)
+
+
+@torch.no_grad()
+def perturbation_drop(judge, inputs, maps, fraction: float = 0.05, device="cpu", seed: int = 0) -> dict:
+    """Mean drop of the judge's P(abnormal) when the top `fraction` of voxels by |map| become the image mean.
+
+    With `maps=None`, random voxels of the same number are perturbed (the reference a map must beat).
+    """
+    rng = np.random.default_rng(seed)
+    images = [x[0, 0].numpy() for x in inputs]
+    perturbed = [perturb_top_voxels(img, None if maps is None else amap, fraction, rng) for img, amap in zip(images, maps or [None] * len(images))]
+    before = _p_abnormal(judge, torch.cat(inputs).to(device)).cpu().numpy()
+    after = _p_abnormal(judge, torch.from_numpy(np.stack(perturbed))[:, None].float().to(device)).cpu().numpy()
+    drop = before - after
+    return {"fraction": fraction, "mean_drop": float(drop.mean()), "std_drop": float(drop.std()), "mean_p_before": float(before.mean())}
+
+
+# --- medXGAN-specific checks --------------------------------------------------------------------
+def medxgan_convergence(method, inputs, runs: int = 3, steps: int = 500, lr: float = 0.01) -> dict:
+    """Table 3: pairwise cosine of the inverted codes and SSIM of their images over `runs` random restarts."""
+    from monai.metrics import SSIMMetric
+
+    x = torch.cat(inputs)
+    spatial_dims = x.dim() - 2
+    codes, images = [], []
+    generator = method.generator
+    generator.eval()
+    for run in range(runs):
+        z1, z2, _ = method.invert(x, steps=steps, lr=lr, seed=1000 + run, z1_start="normal")
+        codes.append(torch.cat([z1, z2], 1))
+        with torch.no_grad():
+            images.append(generator(z1, z2).float().clamp(-1, 1))
+    ssim = SSIMMetric(spatial_dims=spatial_dims, data_range=2.0, win_size=min(11, min(x.shape[2:]) // 2 * 2 - 1))
+    cosines, ssims = [], []
+    for a, b in itertools.combinations(range(runs), 2):
+        cosines.append(torch.nn.functional.cosine_similarity(codes[a], codes[b], dim=1))
+        ssims.append(ssim(images[a], images[b]).flatten())
+    cos, sim = torch.cat(cosines), torch.cat(ssims)
+    return {
+        "runs": runs,
+        "images": len(x),
+        "inversion_steps": steps,
+        "cosine_mean": float(cos.mean()),
+        "cosine_std": float(cos.std()) if len(cos) > 1 else 0.0,
+        "ssim_mean": float(sim.mean()),
+        "ssim_std": float(sim.std()) if len(sim) > 1 else 0.0,
+    }
+
+
+def attributed_fraction(amap: np.ndarray, tolerance: float = ATTRIBUTED_TOLERANCE) -> float:
+    magnitude = np.abs(amap)
+    peak = magnitude.max()
+    return float((magnitude > tolerance * peak).mean()) if peak > 0 else 0.0
+
+
+def lig_ig_ratio(method, inputs, inversion_steps: int = 500, ig_steps: int = 50, tolerance: float = ATTRIBUTED_TOLERANCE) -> dict:
+    """medXGAN 4.2: attributed voxels of latent IG over those of pixel IG (Captum) on the same classifier."""
+    from .methods.classifier import integrated_gradients
+
+    x = torch.cat(inputs)
+    method.generator.eval()
+    z1, z2, _ = method.invert(x, steps=inversion_steps)
+    lig = method.latent_integrated_gradients(z1, z2, method.attribute_options["ig_steps"]).detach().numpy()
+    classifier = method.networks["classifier"].net
+    with torch.enable_grad():
+        ig = integrated_gradients(classifier, x, 1, ig_steps, -1.0).detach().numpy()
+    ratios = []
+    for a, b in zip(lig, ig):
+        denominator = attributed_fraction(b, tolerance)
+        if denominator > 0:
+            ratios.append(attributed_fraction(a, tolerance) / denominator)
+    return {"images": len(x), "tolerance": tolerance, "ratio_mean": float(np.mean(ratios)), "ratio_std": float(np.std(ratios))}
+
+
+# --- one model ----------------------------------------------------------------------------------
 def evaluate(
     model_path: str | Path,
     data_csv: str | Path,
@@ -67,70 +234,55 @@ def evaluate(
     device: str = "auto",
     limit: int | None = None,
     options: dict | None = None,
+    perturb_fraction: float | None = 0.05,
 ) -> dict:
     """Scores of one model on one cohort split (abnormal subjects with ground truth)."""
     torch_device, device_description = select_device(device)
     metadata, method = load_method(model_path, torch_device)
     config = PreprocessingConfig.from_dict(metadata.preprocessing)
-    records = read_cohort_csv(data_csv)
     options = options or {}
-
-    def abnormal_with_truth(name):
-        return [r for r in records if r.get("split") == name and r["label"] == 1 and r.get("mask")]
-
-    test = _load_split(abnormal_with_truth(split), config, limit)
-    if not test:
-        raise ValueError(f"{data_csv} has no abnormal subjects with a ground-truth mask in split {split!r}; nothing to evaluate.")
-    maps, counterfactuals = _maps(method, test, torch_device, options)
-    truths = [t[1] for t in test]
-    paper = _scores(maps, truths, 0.5)
+    test = load_split(data_csv, config, split, limit)
+    maps, counterfactuals = compute_maps(method, test, torch_device, options)
+    val = load_split(data_csv, config, "val", limit)
+    val_maps = compute_maps(method, val, torch_device, options)[0] if val else None
     result = {
         "model": str(model_path),
         "method": metadata.method,
+        "options": options,
         "split": split,
-        "n": len(test),
         "device": device_description,
-        "paper_rule": {k: float(np.mean(v)) for k, v in paper.items()},
-        "paper_rule_std": {k: float(np.std(v)) for k, v in paper.items()},
+        **summarize_scores(maps, [t[1] for t in test], val_maps, [t[1] for t in val]),
     }
-    val = _load_split(abnormal_with_truth("val"), config, limit)
-    if val:
-        val_maps, _ = _maps(method, val, torch_device, options)
-        val_truths = [t[1] for t in val]
-        best = max(FRACTIONS, key=lambda f: np.mean(_scores(val_maps, val_truths, f)["dice"]))
-        tuned = _scores(maps, truths, best)
-        result["validation_threshold"] = {"fraction_of_max": float(best), **{k: float(np.mean(v)) for k, v in tuned.items() if k != "ncc"}}
     if judge_model is not None:
-        result["validity"] = counterfactual_validity(judge_model, [t[0] for t in test], counterfactuals, torch_device)
+        judge = load_judge(judge_model, torch_device)
+        inputs = [t[0] for t in test]
+        result["validity"] = counterfactual_validity(judge, inputs, counterfactuals, torch_device)
+        if perturb_fraction:
+            result["perturbation"] = perturbation_drop(judge, inputs, maps, perturb_fraction, torch_device)
+    result["_maps"] = maps  # for figures; dropped by write_results
     return result
 
 
-@torch.no_grad()
-def counterfactual_validity(judge_model, inputs, counterfactuals, device) -> dict:
-    """Accuracy of an independent classifier on the abnormal inputs, and the share of counterfactuals it calls normal."""
-    _, judge = load_method(judge_model, device)
-    net = judge.networks["classifier"]
-    x = torch.cat(inputs).to(device)
-    before = net(x).softmax(1)[:, 1]
-    out = {"n": len(inputs), "abnormal_inputs_called_abnormal": float((before > 0.5).float().mean())}
-    if any(cf is None for cf in counterfactuals):
-        out["note"] = "method produces no counterfactual"
-        return out
-    cf = torch.from_numpy(np.stack(counterfactuals))[:, None].to(device).clamp(-1, 1)
-    after = net(cf).softmax(1)[:, 1]
-    out["counterfactuals_called_normal"] = float((after <= 0.5).float().mean())
-    return out
+def evaluate_constant(preprocessing: dict, data_csv, split: str = "test", limit: int | None = None) -> dict:
+    """The constant map's scores: NCC 0, and the paper rule marks the whole grid."""
+    config = PreprocessingConfig.from_dict(preprocessing)
+    test = load_split(data_csv, config, split, limit)
+    maps = [np.ones(t[0].shape[2:], np.float32) for t in test]
+    return {"model": None, "method": "constant", "split": split, **summarize_scores(maps, [t[1] for t in test])}
 
 
+# --- reporting ----------------------------------------------------------------------------------
 def format_table(results: list[dict]) -> str:
-    header = ["method", "n", "Dice (paper)", "IoU (paper)", "NCC", "Dice (val thr)", "IoU (val thr)", "CF called normal"]
+    header = ["row", "n", "Dice (paper)", "IoU (paper)", "NCC", "Dice (val thr)", "IoU (val thr)", "CF called normal", "perturb drop"]
     rows = []
     for r in results:
         v = r.get("validation_threshold", {})
+        validity = r.get("validity", {})
         rows.append([
-            r["method"], r["n"], f"{100 * r['paper_rule']['dice']:.1f}", f"{100 * r['paper_rule']['iou']:.1f}", f"{r['paper_rule']['ncc']:.3f}",
+            r.get("label", r["method"]), r["n"], f"{100 * r['paper_rule']['dice']:.1f}", f"{100 * r['paper_rule']['iou']:.1f}", f"{r['paper_rule']['ncc']:.3f}",
             f"{100 * v['dice']:.1f}" if v else "-", f"{100 * v['iou']:.1f}" if v else "-",
-            f"{100 * r['validity']['counterfactuals_called_normal']:.0f}%" if "counterfactuals_called_normal" in r.get("validity", {}) else "-",
+            f"{100 * validity['counterfactuals_called_normal']:.0f}%" if "counterfactuals_called_normal" in validity else "-",
+            f"{r['perturbation']['mean_drop']:.3f}" if "perturbation" in r else "-",
         ])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     lines = [" | ".join(str(h).ljust(w) for h, w in zip(header, widths)), "-+-".join("-" * w for w in widths)]
@@ -138,5 +290,12 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(results: list[dict], path: str | Path) -> None:
-    Path(path).write_text(json.dumps(results, indent=2))
+def write_results(results, path: str | Path) -> None:
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if not k.startswith("_")}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    Path(path).write_text(json.dumps(clean(results), indent=2))

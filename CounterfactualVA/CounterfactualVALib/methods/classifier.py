@@ -66,6 +66,18 @@ def _identity(x):
     return x
 
 
+def integrated_gradients(classifier: torch.nn.Module, x: torch.Tensor, class_idx: int = 1, steps: int = 50, baseline: float = -1.0) -> torch.Tensor:
+    """Captum integrated gradients of a 2-logit classifier's log-odds (sign per `class_idx`) from a constant
+    baseline image; also used to compare medXGAN's latent IG with pixel IG on the same frozen classifier."""
+    from captum.attr import IntegratedGradients
+
+    ig = IntegratedGradients(LogOdds(classifier).eval())
+    inputs = x.detach().float().requires_grad_(True)
+    # bound memory: at most ~16 interpolated images (3D grids) per forward pass
+    batch = max(1, min(steps, 16)) * len(x)
+    return ig.attribute(inputs, baselines=baseline, target=class_idx, n_steps=steps, internal_batch_size=batch)
+
+
 class ClassifierBaseline(Method):
     name = "classifier"
     title = "Classifier saliency (CAM / Grad-CAM / integrated gradients / occlusion)"
@@ -216,14 +228,7 @@ class ClassifierBaseline(Method):
         return gradcam(x, class_idx=class_idx)
 
     def _integrated_gradients(self, x: torch.Tensor, class_idx: int, steps: int, baseline: float) -> torch.Tensor:
-        from captum.attr import IntegratedGradients
-
-        model = LogOdds(self.networks["classifier"]).eval()
-        ig = IntegratedGradients(model)
-        inputs = x.detach().float().requires_grad_(True)
-        # bound memory: at most ~16 interpolated images (3D grids) per forward pass
-        batch = max(1, min(steps, 16)) * len(x)
-        return ig.attribute(inputs, baselines=baseline, target=class_idx, n_steps=steps, internal_batch_size=batch)
+        return integrated_gradients(self.networks["classifier"], x, class_idx, steps, baseline)
 
     def _occlusion(self, x: torch.Tensor, class_idx: int, mask_size: int, overlap: float, mode) -> torch.Tensor:
         from monai.visualize import OcclusionSensitivity

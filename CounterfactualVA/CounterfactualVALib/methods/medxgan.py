@@ -189,19 +189,26 @@ class MedXGAN(Method):
         }
 
     # --- inference ------------------------------------------------------------------------------
-    def invert(self, x: torch.Tensor, steps: int = 500, lr: float = 0.01, seed: int = 0):
+    def invert(self, x: torch.Tensor, steps: int = 500, lr: float = 0.01, seed: int = 0, z1_start: str = "zeros"):
         """Latent codes of `x` (eq. 5): returns (z1, z2, per-image reconstruction MSE after `steps`).
 
         Every image is optimised independently (per-image losses are summed, and Adam is per coordinate),
-        so the result for an image does not depend on the rest of the batch.
+        so the result for an image does not depend on the rest of the batch. z1 starts at 0 (reference
+        code) or, with ``z1_start="normal"``, at a seeded N(0, I) draw like z2 (the paper's convergence
+        experiment, section 5, which restarts both codes from random draws).
         """
+        if z1_start not in ("zeros", "normal"):
+            raise ValueError(f"medxgan: z1_start must be 'zeros' or 'normal', got {z1_start!r}")
         c = self.config
         G = self.generator
         b = len(x)
         gen = torch.Generator().manual_seed(int(seed))
-        z1 = torch.zeros(b, c["z1_dim"], device=x.device, requires_grad=True)
         # one draw per image, so that an image's start (and result) does not depend on the batch size
         z2 = torch.cat([torch.randn(1, c["z2_dim"], generator=gen) for _ in range(b)]).to(x.device).requires_grad_(True)
+        if z1_start == "normal":
+            z1 = torch.cat([torch.randn(1, c["z1_dim"], generator=gen) for _ in range(b)]).to(x.device).requires_grad_(True)
+        else:
+            z1 = torch.zeros(b, c["z1_dim"], device=x.device, requires_grad=True)
         x = x.detach().float()
         with torch.no_grad():
             target = torch.sigmoid(self.abnormal_logit(x))

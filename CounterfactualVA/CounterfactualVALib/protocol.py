@@ -1,0 +1,344 @@
+"""One command per evaluation protocol: data, training of every model, evaluation, table, figure.
+
+`counterfactualva protocol CONFIG.json [--out DIR]` reads a protocol file (see ``benchmarks/protocols/``):
+
+    {
+      "name": "...", "scale": "paper" | "reduced",
+      "data": {"kind": "synthetic" | "phantom", ...generator arguments...},
+      "preprocessing": {...model grid, as `counterfactualva train`...},
+      "training": {...TrainingConfig defaults for every model: val_every, checkpoint_every, seed...},
+      "models": {"<name>": {"method": "...", "steps": N, "config": {...}, "batch_size": B, "seed": S}},
+      "judge": "<model name>",                       # the independent classifier (validity, perturbation)
+      "rows": [{"label": "VANT-GAN", "model": "<name>", "options": {...}, "paper": {"dice": 95.5, "iou": 91.4}},
+               {"label": "VANT-GAN, untrained", "model": "<name>", "untrained": true},
+               {"label": "constant map", "constant": true}],
+      "medxgan": {"model": "<name>", "images": 8, "runs": 3, "inversion_steps": 500},
+      "targets": {"rows": {"VANT-GAN": {"dice": 95.5, "iou": 91.4}}, "ncc_above": [[...], [...]], "validity_min": 0.9},
+      "examples": 4
+    }
+
+A model's ``config`` may name another model's file as ``"@<name>"`` (medXGAN's frozen classifier). Every stage
+is restartable: data and finished models are reused, an interrupted training resumes from its checkpoint.
+Outputs in the run folder: ``results.json``, ``results.md`` (table with the paper's figures and the targets
+checked), ``examples.png`` (input, ground truth and every row's map for a few test images), ``models/``.
+Model selection is the training loop's validation metric; the test split is only read here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .atomic import atomic_path
+from .checkpoint import read_metadata, save_model
+from .evaluation import (
+    evaluate,
+    evaluate_constant,
+    format_table,
+    lig_ig_ratio,
+    load_judge,
+    load_split,
+    medxgan_convergence,
+    perturbation_drop,
+    write_results,
+)
+from .inference import load_method, select_device
+from .methods import create_method
+from .preprocessing import PreprocessingConfig
+
+SECTIONS = {"name", "scale", "description", "data", "preprocessing", "training", "models", "judge", "rows", "medxgan", "targets", "examples", "evaluate"}
+
+
+def read_protocol(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Protocol file {path} does not exist; the shipped ones are in benchmarks/protocols/.")
+    protocol = json.loads(path.read_text())
+    unknown = set(protocol) - SECTIONS
+    if unknown:
+        raise ValueError(f"{path}: unknown protocol sections {sorted(unknown)}; known: {sorted(SECTIONS)}")
+    for key in ("data", "preprocessing", "models", "rows"):
+        if key not in protocol:
+            raise ValueError(f"{path}: the protocol has no {key!r} section.")
+    for row in protocol["rows"]:
+        if not row.get("constant") and row.get("model") not in protocol["models"]:
+            raise ValueError(f"{path}: row {row.get('label')!r} names model {row.get('model')!r}, which the 'models' section does not define.")
+    if protocol.get("judge") and protocol["judge"] not in protocol["models"]:
+        raise ValueError(f"{path}: judge {protocol['judge']!r} is not one of the models.")
+    return protocol
+
+
+def _log(message: str) -> None:
+    print(f"[protocol] {message}", flush=True)
+
+
+def generate_data(spec: dict, out: Path) -> Path:
+    csv_path = out / "data" / "cohort.csv"
+    if csv_path.is_file():
+        return csv_path
+    spec = dict(spec)
+    kind = spec.pop("kind")
+    if kind == "synthetic":
+        from .data.synthetic import generate_synthetic
+
+        return Path(generate_synthetic(out / "data", **spec))
+    if kind == "phantom":
+        from .data.phantom import generate_phantom_cohort
+
+        return Path(generate_phantom_cohort(out / "data", **spec))
+    raise ValueError(f"data kind must be 'synthetic' or 'phantom', got {kind!r}")
+
+
+def _resolve_references(config: dict, model_files: dict) -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, str) and value.startswith("@"):
+            name = value[1:]
+            if name not in model_files:
+                raise ValueError(f"configuration {key}={value}: model {name!r} must be listed (and trained) before the model that uses it.")
+            value = str(model_files[name])
+        out[key] = value
+    return out
+
+
+def train_models(protocol: dict, csv_path: Path, out: Path, device: str) -> tuple[dict, dict]:
+    """Train (or reuse) every model; returns ({name: model file}, {name: training summary})."""
+    from CounterfactualVATrainingLib.loop import TrainingConfig, train
+
+    files, summaries = {}, {}
+    for name, spec in protocol["models"].items():
+        run_dir = out / "models" / name
+        model_file = run_dir / "model.safetensors"
+        started = time.perf_counter()
+        if model_file.is_file():
+            _log(f"{name}: reusing {model_file}")
+        else:
+            _log(f"{name}: training {spec['method']} for {spec['steps']} steps")
+            config = TrainingConfig(
+                method=spec["method"],
+                data=str(csv_path),
+                out=str(run_dir),
+                preprocessing={**protocol["preprocessing"], **spec.get("preprocessing", {})},
+                method_config=_resolve_references(spec.get("config", {}), files),
+                steps=int(spec["steps"]),
+                batch_size=spec.get("batch_size"),
+                device=device,
+                resume=(run_dir / "checkpoint.pt").is_file(),
+                command=f"counterfactualva protocol (model {name})",
+                **{**protocol.get("training", {}), **({"seed": spec["seed"]} if "seed" in spec else {})},
+            )
+            if train(config) is None:
+                raise RuntimeError(f"training of {name} stopped; run the same protocol command again to resume.")
+            # wall time kept beside the model, so a rerun that reuses the model still reports it
+            (run_dir / "protocol_timing.json").write_text(json.dumps({"wall_s": round(time.perf_counter() - started, 1)}))
+        files[name] = model_file
+        timing_file = run_dir / "protocol_timing.json"
+        training = read_metadata(model_file).training
+        summaries[name] = {
+            "method": spec["method"],
+            "steps": int(spec["steps"]),
+            "selected_step": training.get("selected_step"),
+            "device": training.get("device"),
+            "wall_s": json.loads(timing_file.read_text())["wall_s"] if timing_file.is_file() else None,
+        }
+    return files, summaries
+
+
+def _untrained_copy(model_file: Path, out: Path) -> Path:
+    """A random-initialised model of the same architecture (seed 0): the floor a trained model must beat."""
+    target = out / "models" / f"{model_file.parent.name}_untrained.safetensors"
+    if not target.is_file():
+        metadata = read_metadata(model_file)
+        torch.manual_seed(0)
+        method = create_method(metadata.method, metadata.spatial_dims, metadata.method_config)
+        metadata.training = {"note": "untrained: random initialisation, seed 0"}
+        save_model(target, method.inference_state_dict(), metadata)
+    return target
+
+
+def evaluate_rows(protocol: dict, files: dict, csv_path: Path, out: Path, device: str) -> list[dict]:
+    settings = protocol.get("evaluate", {})
+    judge = files.get(protocol.get("judge"))
+    results = []
+    for row in protocol["rows"]:
+        started = time.perf_counter()
+        if row.get("constant"):
+            result = evaluate_constant(protocol["preprocessing"], csv_path, limit=settings.get("limit"))
+        else:
+            model_file = files[row["model"]]
+            if row.get("untrained"):
+                model_file = _untrained_copy(model_file, out)
+            result = evaluate(
+                model_file, csv_path, judge_model=judge, device=device, limit=settings.get("limit"),
+                options=row.get("options", {}), perturb_fraction=settings.get("perturb_fraction", 0.05),
+            )
+        result["label"] = row["label"]
+        result["paper"] = row.get("paper")
+        result["wall_s"] = round(time.perf_counter() - started, 1)
+        _log(f"{row['label']}: Dice {100 * result['paper_rule']['dice']:.1f}, NCC {result['paper_rule']['ncc']:.3f} ({result['wall_s']} s)")
+        results.append(result)
+    return results
+
+
+def random_perturbation(protocol: dict, files: dict, csv_path: Path, device) -> dict | None:
+    if not protocol.get("judge"):
+        return None
+    settings = protocol.get("evaluate", {})
+    config = PreprocessingConfig.from_dict(read_metadata(files[protocol["judge"]]).preprocessing)
+    inputs = [t[0] for t in load_split(csv_path, config, "test", settings.get("limit"))]
+    judge = load_judge(files[protocol["judge"]], device)
+    return perturbation_drop(judge, inputs, None, settings.get("perturb_fraction", 0.05), device)
+
+
+def medxgan_checks(protocol: dict, files: dict, csv_path: Path, device) -> dict | None:
+    spec = protocol.get("medxgan")
+    if not spec:
+        return None
+    metadata, method = load_method(files[spec["model"]], device)
+    config = PreprocessingConfig.from_dict(metadata.preprocessing)
+    inputs = [t[0].to(device) for t in load_split(csv_path, config, "test", int(spec.get("images", 8)))]
+    steps = int(spec.get("inversion_steps", 500))
+    started = time.perf_counter()
+    result = {
+        "convergence": medxgan_convergence(method, inputs, int(spec.get("runs", 3)), steps),
+        "lig_ig": lig_ig_ratio(method, inputs, steps, int(spec.get("ig_steps", 50))),
+    }
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def check_targets(protocol: dict, results: list[dict]) -> list[dict]:
+    """Each target as {"target", "measured", "met"}."""
+    targets = protocol.get("targets", {})
+    by_label = {r["label"]: r for r in results}
+    checks = []
+    for label, wanted in targets.get("rows", {}).items():
+        for metric, minimum in wanted.items():
+            measured = 100 * by_label[label]["paper_rule"][metric]
+            checks.append({"target": f"{label} {metric} >= {minimum}", "measured": round(measured, 1), "met": measured >= minimum})
+    if "ncc_above" in targets:
+        above, below = targets["ncc_above"]
+        lowest = min(by_label[a]["paper_rule"]["ncc"] for a in above)
+        highest = max(by_label[b]["paper_rule"]["ncc"] for b in below)
+        checks.append({
+            "target": f"NCC of every one of {', '.join(above)} above every one of {', '.join(below)}",
+            "measured": f"lowest {lowest:.3f} vs highest {highest:.3f}",
+            "met": lowest > highest,
+        })
+    if "validity_min" in targets:
+        for r in results:
+            share = r.get("validity", {}).get("counterfactuals_called_normal")
+            if share is not None and not r["label"].endswith("untrained"):
+                checks.append({"target": f"{r['label']}: counterfactuals called normal >= {100 * targets['validity_min']:.0f}%", "measured": f"{100 * share:.0f}%", "met": share >= targets["validity_min"]})
+    return checks
+
+
+def save_examples(protocol: dict, results: list[dict], files: dict, csv_path: Path, path: Path, n: int) -> None:
+    """Like vant-gan Figure 3: rows = test images; columns = input, ground truth, each trained row's |map|."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in results if r.get("_maps") and not r["label"].endswith("untrained")]
+    if not shown:
+        return
+    config = PreprocessingConfig.from_dict(read_metadata(Path(shown[0]["model"])).preprocessing)
+    items = load_split(csv_path, config, "test", n)
+    cols = 2 + len(shown)
+    fig, axes = plt.subplots(len(items), cols, figsize=(1.9 * cols, 1.9 * len(items)), squeeze=False)
+
+    def plane(volume, index):
+        return volume if volume.ndim == 2 else volume[index]
+
+    for i, (image, truth, _) in enumerate(items):
+        image = image[0, 0].numpy()
+        index = int(np.argmax(np.abs(truth).reshape(truth.shape[0], -1).sum(1))) if truth.ndim == 3 else 0
+        panels = [("input", plane(image, index), "gray", None), ("ground truth", plane(np.abs(truth), index), "magma", None)]
+        panels += [(r["label"], plane(np.abs(r["_maps"][i]), index), "magma", None) for r in shown]
+        for j, (title, data, cmap, _) in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(data, cmap=cmap, origin="lower", interpolation="nearest")
+            ax.axis("off")
+            if i == 0:
+                ax.set_title(title, fontsize=7)
+    fig.suptitle(f"{protocol['name']}: |map| per method (test images)", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def _hardware(device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {platform.processor() or platform.machine()}), torch {torch.__version__}"
+
+
+def write_report(protocol: dict, report: dict, path: Path) -> None:
+    lines = [f"# {protocol['name']}", "", f"Scale: **{protocol.get('scale', 'paper')}**. {protocol.get('description', '')}".rstrip(), ""]
+    lines += [f"Hardware: {report['hardware']}; total wall time {report['wall_s'] / 60:.1f} min.", ""]
+    lines += ["| row | n | Dice | IoU | NCC | Dice (val thr) | IoU (val thr) | CF called normal | perturbation drop | paper Dice / IoU |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        v = r.get("validation_threshold", {})
+        validity = r.get("validity", {}).get("counterfactuals_called_normal")
+        paper = r.get("paper") or {}
+        lines.append(
+            f"| {r['label']} | {r['n']} | {100 * r['paper_rule']['dice']:.1f} | {100 * r['paper_rule']['iou']:.1f} | {r['paper_rule']['ncc']:.3f} | "
+            + (f"{100 * v['dice']:.1f} | {100 * v['iou']:.1f} | " if v else "- | - | ")
+            + (f"{100 * validity:.0f}% | " if validity is not None else "- | ")
+            + (f"{r['perturbation']['mean_drop']:.3f} | " if "perturbation" in r else "- | ")
+            + (f"{paper.get('dice', '-')} / {paper.get('iou', '-')} |" if paper else "- |")
+        )
+    if report.get("random_perturbation"):
+        rp = report["random_perturbation"]
+        lines += ["", f"Perturbation reference: the same number of random head voxels ({100 * rp['fraction']:.0f}%) lowers P(abnormal) by {rp['mean_drop']:.3f} (judge's mean P(abnormal) before: {rp['mean_p_before']:.3f})."]
+    if report.get("medxgan"):
+        m = report["medxgan"]
+        c, g = m["convergence"], m["lig_ig"]
+        lines += ["", f"medXGAN inversion convergence ({c['runs']} random restarts x {c['images']} test images, {c['inversion_steps']} steps): cosine {c['cosine_mean']:.3f} +/- {c['cosine_std']:.3f}, SSIM {c['ssim_mean']:.3f} +/- {c['ssim_std']:.3f} (paper, MRI, 10,000 steps: 0.965 +/- 0.008, 0.970 +/- 0.020).",
+                  f"medXGAN LIG/IG attributed-voxel ratio ({g['images']} images, tolerance {g['tolerance']} x max): {g['ratio_mean']:.2f} +/- {g['ratio_std']:.2f} (paper: 0.21 +/- 0.09)."]
+    if report["targets"]:
+        lines += ["", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in report["targets"]]
+    lines += ["", "| model | method | steps | best validation step | training wall time (s) |", "|---|---|---|---|---|"]
+    for name, s in report["training"].items():
+        lines.append(f"| {name} | {s['method']} | {s['steps']} | {s['selected_step'] or '-'} | {s['wall_s'] if s['wall_s'] is not None else '-'} |")
+    lines += ["", "Dice and IoU in %, paper rule (|map| >= 0.5 max|map|); NCC = Pearson r of |map| and |ground truth|; val thr = threshold fraction chosen on the validation split; CF called normal = share of the test patients' counterfactuals the independent judge classifies normal; perturbation drop = mean drop of the judge's P(abnormal) when the top voxels by |map| are set to the image mean.", ""]
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text("\n".join(lines))
+
+
+def run_protocol(config_path, out=None, device: str = "auto") -> dict:
+    protocol = read_protocol(config_path)
+    out = Path(out or Path("runs") / Path(config_path).stem)
+    out.mkdir(parents=True, exist_ok=True)
+    torch_device, _ = select_device(device)
+    started = time.perf_counter()
+    _log(f"{protocol['name']} -> {out}")
+    csv_path = generate_data(protocol["data"], out)
+    files, training = train_models(protocol, csv_path, out, device)
+    results = evaluate_rows(protocol, files, csv_path, out, device)
+    report = {
+        "protocol": protocol,
+        "hardware": _hardware(torch_device),
+        "training": training,
+        "results": results,
+        "random_perturbation": random_perturbation(protocol, files, csv_path, torch_device),
+        "medxgan": medxgan_checks(protocol, files, csv_path, torch_device),
+    }
+    report["targets"] = check_targets(protocol, results)
+    if protocol.get("examples", 4):
+        save_examples(protocol, results, files, csv_path, out / "examples.png", int(protocol.get("examples", 4)))
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    write_results(report, out / "results.json")
+    write_report(protocol, report, out / "results.md")
+    print(format_table(results))
+    _log(f"results: {out / 'results.md'}")
+    return report
