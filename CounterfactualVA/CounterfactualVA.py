@@ -214,18 +214,7 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CounterfactualVA.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-
-        self.logic = CounterfactualVALogic()
-        self._timer = qt.QTimer()
-        self._timer.setInterval(self.POLL_INTERVAL_MS)
-        self._timer.timeout.connect(self._onPoll)
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.setupPanel("CounterfactualVA.ui", CounterfactualVALogic(), onPoll=self._onPoll, pollIntervalMs=self.POLL_INTERVAL_MS)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self._updateModelInfo)

@@ -252,18 +252,7 @@ class CounterfactualVATrainingWidget(ParameterNodeWidgetMixin, ScriptedLoadableM
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CounterfactualVATraining.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-
-        self.logic = CounterfactualVATrainingLogic()
-        self._timer = qt.QTimer()
-        self._timer.setInterval(self.POLL_INTERVAL_MS)
-        self._timer.timeout.connect(self._onPoll)
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.setupPanel("CounterfactualVATraining.ui", CounterfactualVATrainingLogic(), onPoll=self._onPoll, pollIntervalMs=self.POLL_INTERVAL_MS)
 
         self.ui.previewButton.connect("clicked(bool)", self.onPreviewButton)
         self.ui.methodDefaultsButton.connect("clicked(bool)", self.onMethodDefaultsButton)

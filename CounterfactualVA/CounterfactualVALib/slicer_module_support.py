@@ -90,6 +90,23 @@ class ParameterNodeWidgetMixin:
     (called when the parameter node changes); optional hooks: :meth:`beforeSceneClose` and
     :meth:`setDefaultParameters`. Needs VTKObservationMixin (addObserver/removeObserver)."""
 
+    def setupPanel(self, uiFileName: str, logic, onPoll=None, pollIntervalMs: int = 200):
+        """The part of ``setup()`` every panel shares: load ``Resources/UI/<uiFileName>``, bind it to the scene,
+        set the logic, a poll timer calling `onPoll` (for a running subprocess) and the scene-close observers."""
+        import slicer
+
+        uiWidget = slicer.util.loadUI(self.resourcePath(f"UI/{uiFileName}"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = logic
+        if onPoll is not None:
+            self._timer = qt.QTimer()
+            self._timer.setInterval(pollIntervalMs)
+            self._timer.timeout.connect(onPoll)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
     def enter(self):
         self.initializeParameterNode()
 
