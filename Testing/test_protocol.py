@@ -120,14 +120,36 @@ def test_perturbation_replaces_exactly_the_top_voxels_by_the_image_mean():
     original = image.copy()
     amap = np.zeros_like(image)
     amap[6, 6], amap[7, 7], amap[8, 8], amap[9, 9], amap[10, 10] = -5, 4, 3, 2, 1
-    out = perturb_top_voxels(image, amap, 0.05)  # 5 % of the 100 head voxels
+    head = image > -1
+    out = perturb_top_voxels(image, amap, 0.05, region=head)  # 5 % of the 100 head voxels
     assert np.array_equal(image, original)  # the input is not modified
     changed = np.argwhere(out != image)
     assert sorted(map(tuple, changed)) == [(6, 6), (7, 7), (8, 8), (9, 9), (10, 10)]
     assert np.allclose(out[6, 6], image.mean())
-    random = perturb_top_voxels(image, None, 0.05, np.random.default_rng(1))
+    random = perturb_top_voxels(image, None, 0.05, np.random.default_rng(1), region=head)
     moved = np.argwhere(random != image)
     assert len(moved) <= 5 and all(5 <= i < 15 and 5 <= j < 15 for i, j in moved)  # head voxels only
+
+
+def test_head_cropped_maps_are_scored_inside_the_head_only():
+    """A map whose strongest values lie in the air around the head: the inference mask ignores them, and so
+    must the scores (else a model is punished or rewarded for what users never see)."""
+    from CounterfactualVALib.metrics import map_scores
+    from CounterfactualVALib.preprocessing import PreprocessingConfig, head_mask_on_grid
+
+    image = np.full((24, 24, 24), -1.0, np.float32)  # preprocessed: background at -1
+    image[4:20, 4:20, 4:20] = 0.5  # head
+    truth = np.zeros_like(image)
+    truth[8:12, 8:12, 8:12] = -0.3  # planted atrophy
+    amap = np.zeros_like(image)
+    amap[8:12, 8:12, 8:12] = -0.3
+    amap[0:2, 0:2, 0:2] = 1.0  # strong output in the air
+    region = head_mask_on_grid(image, PreprocessingConfig(spatial_dims=3, size=[24, 24, 24], spacing=[1.0] * 3, crop="foreground"))
+    assert region.sum() == 16**3
+    assert head_mask_on_grid(image, PreprocessingConfig(spatial_dims=3, size=[24, 24, 24], spacing=[1.0] * 3, crop="image")) is None
+    whole, inside = map_scores(amap, truth), map_scores(amap, truth, region=region)
+    assert whole["dice"] == 0.0 and inside["dice"] == 1.0
+    assert inside["ncc"] == pytest.approx(1.0) and whole["ncc"] < 0.9
 
 
 def test_attributed_fraction_uses_a_relative_tolerance():

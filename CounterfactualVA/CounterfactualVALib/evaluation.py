@@ -31,8 +31,8 @@ import torch
 
 from .data.cohort import read_cohort_csv
 from .inference import load_method, select_device
-from .metrics import dice, iou, ncc, threshold_map
-from .preprocessing import PreprocessingConfig
+from .metrics import map_scores
+from .preprocessing import PreprocessingConfig, head_mask_on_grid
 from .transforms import LoadPreprocessd
 
 FRACTIONS = tuple(np.round(np.arange(0.05, 1.0, 0.05), 2))
@@ -42,13 +42,14 @@ ATTRIBUTED_TOLERANCE = 0.01
 
 # --- data ---------------------------------------------------------------------------------------
 def load_items(records, config: PreprocessingConfig, limit: int | None = None):
-    """[(image tensor (1, 1, *grid), ground-truth map on the grid or None, label)] with the model's preprocessing."""
+    """[(image tensor (1, 1, *grid), ground-truth map on the grid (zeros if none), label, head region or None)]
+    with the model's preprocessing. The region (head-cropped models only) is where maps are scored."""
     transform = LoadPreprocessd(config)
     items = []
     for record in records[: limit or len(records)]:
         item = transform({"image": record["path"], "mask": record.get("mask") or None})
-        truth = item["mask"][0] if item.get("mask") is not None else None
-        items.append((torch.from_numpy(item["image"])[None], truth, int(record["label"])))
+        image = item["image"]
+        items.append((torch.from_numpy(image)[None], item["mask"][0], int(record["label"]), head_mask_on_grid(image[0], config)))
     return items
 
 
@@ -76,28 +77,26 @@ def compute_maps(method, items, device, options, batch_size: int = 8):
     return maps, counterfactuals
 
 
-def score_maps(maps, truths, fraction):
+def score_maps(maps, items, fraction):
+    """Dice/IoU of the |map| >= fraction * max mask and NCC of |map|, per image, inside each item's head region."""
     out = {"dice": [], "iou": [], "ncc": []}
-    for amap, truth in zip(maps, truths):
-        truth_mask = np.abs(truth) > 1e-6
-        mask, _ = threshold_map(amap, "max-fraction", fraction)
-        out["dice"].append(dice(mask, truth_mask))
-        out["iou"].append(iou(mask, truth_mask))
-        out["ncc"].append(ncc(np.abs(amap), np.abs(truth)))
+    for amap, (_, truth, _, region) in zip(maps, items):
+        for key, value in map_scores(amap, truth, "max-fraction", fraction, region=region).items():
+            out[key].append(value)
     return out
 
 
-def summarize_scores(maps, truths, val_maps=None, val_truths=None) -> dict:
+def summarize_scores(maps, items, val_maps=None, val_items=None) -> dict:
     """Paper-rule means and standard deviations, plus the validation-chosen threshold applied to the test maps."""
-    paper = score_maps(maps, truths, 0.5)
+    paper = score_maps(maps, items, 0.5)
     result = {
         "n": len(maps),
         "paper_rule": {k: float(np.mean(v)) for k, v in paper.items()},
         "paper_rule_std": {k: float(np.std(v)) for k, v in paper.items()},
     }
     if val_maps:
-        best = max(FRACTIONS, key=lambda f: np.mean(score_maps(val_maps, val_truths, f)["dice"]))
-        tuned = score_maps(maps, truths, best)
+        best = max(FRACTIONS, key=lambda f: np.mean(score_maps(val_maps, val_items, f)["dice"]))
+        tuned = score_maps(maps, items, best)
         result["validation_threshold"] = {"fraction_of_max": float(best), **{k: float(np.mean(v)) for k, v in tuned.items() if k != "ncc"}}
     return result
 
@@ -132,16 +131,10 @@ def counterfactual_validity(judge, inputs, counterfactuals, device) -> dict:
     return out
 
 
-def _head_region(image: np.ndarray) -> np.ndarray:
-    """Voxels above the image's background floor (the whole image for noise-filled synthetic images)."""
-    region = image > image.min() + 1e-3
-    return region if region.any() else np.ones(image.shape, bool)
-
-
-def perturb_top_voxels(image: np.ndarray, amap: np.ndarray | None, fraction: float, rng: np.random.Generator | None = None) -> np.ndarray:
-    """The image with its top `fraction` of head voxels by |map| (random voxels if `amap` is None) set to the image mean."""
-    region = _head_region(image)
-    candidates = np.flatnonzero(region)
+def perturb_top_voxels(image: np.ndarray, amap: np.ndarray | None, fraction: float, rng: np.random.Generator | None = None, region: np.ndarray | None = None) -> np.ndarray:
+    """The image with its top `fraction` of the region's voxels by |map| (random ones if `amap` is None) set to
+    the image mean; the region is the head for head-cropped models, else the whole image."""
+    candidates = np.flatnonzero(region) if region is not None and region.any() else np.arange(image.size)
     k = max(1, math.ceil(fraction * len(candidates)))
     if amap is None:
         chosen = rng.choice(candidates, size=k, replace=False)
@@ -154,14 +147,17 @@ def perturb_top_voxels(image: np.ndarray, amap: np.ndarray | None, fraction: flo
 
 
 @torch.no_grad()
-def perturbation_drop(judge, inputs, maps, fraction: float = 0.05, device="cpu", seed: int = 0) -> dict:
+def perturbation_drop(judge, items, maps, fraction: float = 0.05, device="cpu", seed: int = 0) -> dict:
     """Mean drop of the judge's P(abnormal) when the top `fraction` of voxels by |map| become the image mean.
 
     With `maps=None`, random voxels of the same number are perturbed (the reference a map must beat).
     """
     rng = np.random.default_rng(seed)
-    images = [x[0, 0].numpy() for x in inputs]
-    perturbed = [perturb_top_voxels(img, None if maps is None else amap, fraction, rng) for img, amap in zip(images, maps or [None] * len(images))]
+    inputs = [it[0] for it in items]
+    perturbed = [
+        perturb_top_voxels(x[0, 0].numpy(), amap, fraction, rng, region)
+        for (x, _, _, region), amap in zip(items, maps if maps is not None else [None] * len(items))
+    ]
     before = _p_abnormal(judge, torch.cat(inputs).to(device)).cpu().numpy()
     after = _p_abnormal(judge, torch.from_numpy(np.stack(perturbed))[:, None].float().to(device)).cpu().numpy()
     drop = before - after
@@ -251,14 +247,14 @@ def evaluate(
         "options": options,
         "split": split,
         "device": device_description,
-        **summarize_scores(maps, [t[1] for t in test], val_maps, [t[1] for t in val]),
+        **summarize_scores(maps, test, val_maps, val),
     }
     if judge_model is not None:
         judge = load_judge(judge_model, torch_device)
         inputs = [t[0] for t in test]
         result["validity"] = counterfactual_validity(judge, inputs, counterfactuals, torch_device)
         if perturb_fraction:
-            result["perturbation"] = perturbation_drop(judge, inputs, maps, perturb_fraction, torch_device)
+            result["perturbation"] = perturbation_drop(judge, test, maps, perturb_fraction, torch_device)
     result["_maps"] = maps  # for figures; dropped by write_results
     return result
 
@@ -268,7 +264,7 @@ def evaluate_constant(preprocessing: dict, data_csv, split: str = "test", limit:
     config = PreprocessingConfig.from_dict(preprocessing)
     test = load_split(data_csv, config, split, limit)
     maps = [np.ones(t[0].shape[2:], np.float32) for t in test]
-    return {"model": None, "method": "constant", "split": split, **summarize_scores(maps, [t[1] for t in test])}
+    return {"model": None, "method": "constant", "split": split, **summarize_scores(maps, test)}
 
 
 # --- reporting ----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from . import __version__
 from .checkpoint import ModelMetadata, load_model_file, read_metadata
 from .imageio import InputError, image_extension, image_from_array, read_image, validate_image, write_image
 from .metrics import threshold_map
-from .preprocessing import PreprocessingConfig, preprocess, to_input_grid
+from .preprocessing import PreprocessingConfig, head_mask, preprocess, to_input_grid
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -143,9 +143,7 @@ def run_attribution(
     # percentile) is computed over them: differences in the air around the head are not findings.
     # Synthetic/pre-cropped images ("image" crop) have no background to leave out. The map itself is
     # written as the model made it.
-    foreground = None
-    if config.crop == "foreground":
-        foreground = input_array > config.foreground_fraction * float(np.percentile(input_array, 99))
+    foreground = head_mask(input_array, config.foreground_fraction) if config.crop == "foreground" else None
     mask_array, threshold = threshold_map(attribution_array, threshold_rule, threshold_value, foreground=foreground)
     mask = image_from_array(mask_array, image)
     outputs["mask"] = mask

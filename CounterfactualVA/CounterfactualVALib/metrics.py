@@ -66,12 +66,16 @@ def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     return float((a * b).sum() / denominator) if denominator > 0 else 0.0
 
 
-def map_scores(attribution: np.ndarray, truth: np.ndarray, rule: str = "paper", value: float | None = None) -> dict[str, float]:
-    """NCC of |map| with |truth| and Dice/IoU of the thresholded map against truth != 0 (one image)."""
-    mask, _ = threshold_map(attribution, rule, value)
+def map_scores(attribution: np.ndarray, truth: np.ndarray, rule: str = "paper", value: float | None = None, region: np.ndarray | None = None) -> dict[str, float]:
+    """NCC of |map| with |truth| and Dice/IoU of the thresholded map against truth != 0 (one image).
+
+    With `region` (the head, for head-cropped models) the threshold rule, the mask and the NCC consider those
+    voxels only, as the inference mask does: the model's output in the air around the head is not scored.
+    """
+    mask, _ = threshold_map(attribution, rule, value, foreground=region)
     truth_mask = np.abs(truth) > 1e-6
     return {
-        "ncc": ncc(np.abs(attribution), np.abs(truth)),
+        "ncc": ncc(np.abs(attribution), np.abs(truth), mask=region),
         "dice": dice(mask, truth_mask),
         "iou": iou(mask, truth_mask),
     }

@@ -100,11 +100,24 @@ def _grid_direction(config: PreprocessingConfig) -> tuple[float, ...]:
     return tuple(sitk.DICOMOrientImageFilter.GetDirectionCosinesFromOrientation(config.orientation))
 
 
+def head_mask(array: np.ndarray, fraction: float = 0.1) -> np.ndarray:
+    """Voxels above `fraction` of the 99th percentile: the head of an MRI whose background is dark. The one
+    definition of "head" used by cropping, intensity scaling, the inference mask and the evaluation."""
+    return array > fraction * float(np.percentile(array, 99))
+
+
+def head_mask_on_grid(image: np.ndarray, config: PreprocessingConfig) -> np.ndarray | None:
+    """:func:`head_mask` of a preprocessed image (model grid, background mapped to -1); None for
+    ``crop="image"`` models (synthetic or pre-cropped images have no background to leave out)."""
+    if config.crop != "foreground":
+        return None
+    image = np.asarray(image, np.float32)
+    return head_mask(image - image.min(), config.foreground_fraction)
+
+
 def _foreground_centre(image: sitk.Image, fraction: float) -> np.ndarray:
-    """Physical centre of the bounding box of voxels above `fraction` of the 99th percentile."""
-    array = sitk.GetArrayViewFromImage(image)
-    threshold = fraction * float(np.percentile(array, 99))
-    mask = array > threshold
+    """Physical centre of the bounding box of the head (:func:`head_mask`)."""
+    mask = head_mask(sitk.GetArrayViewFromImage(image), fraction)
     if not mask.any():
         return _image_centre(image)
     idx = np.argwhere(mask)  # numpy order
@@ -126,7 +139,7 @@ def intensity_range(array: np.ndarray, config: PreprocessingConfig) -> tuple[flo
     else:
         values = array
         if config.crop == "foreground":
-            fg = array > config.foreground_fraction * float(np.percentile(array, 99))
+            fg = head_mask(array, config.foreground_fraction)
             if fg.sum() > 10:
                 values = array[fg]
         low, high = (float(v) for v in np.percentile(values, config.percentiles))

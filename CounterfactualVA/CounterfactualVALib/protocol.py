@@ -191,9 +191,9 @@ def random_perturbation(protocol: dict, files: dict, csv_path: Path, device) -> 
         return None
     settings = protocol.get("evaluate", {})
     config = PreprocessingConfig.from_dict(read_metadata(files[protocol["judge"]]).preprocessing)
-    inputs = [t[0] for t in load_split(csv_path, config, "test", settings.get("limit"))]
+    items = load_split(csv_path, config, "test", settings.get("limit"))
     judge = load_judge(files[protocol["judge"]], device)
-    return perturbation_drop(judge, inputs, None, settings.get("perturb_fraction", 0.05), device)
+    return perturbation_drop(judge, items, None, settings.get("perturb_fraction", 0.05), device)
 
 
 def medxgan_checks(protocol: dict, files: dict, csv_path: Path, device) -> dict | None:
@@ -257,7 +257,7 @@ def save_examples(protocol: dict, results: list[dict], files: dict, csv_path: Pa
     def plane(volume, index):
         return volume if volume.ndim == 2 else volume[index]
 
-    for i, (image, truth, _) in enumerate(items):
+    for i, (image, truth, _, _) in enumerate(items):
         image = image[0, 0].numpy()
         index = int(np.argmax(np.abs(truth).reshape(truth.shape[0], -1).sum(1))) if truth.ndim == 3 else 0
         panels = [("input", plane(image, index), "gray", None), ("ground truth", plane(np.abs(truth), index), "magma", None)]

@@ -28,7 +28,7 @@ from CounterfactualVALib.atomic import atomic_path
 from CounterfactualVALib.checkpoint import ModelMetadata, save_model
 from CounterfactualVALib.metrics import map_scores
 from CounterfactualVALib.methods import TrainingContext, create_method, get_method_class
-from CounterfactualVALib.preprocessing import PreprocessingConfig
+from CounterfactualVALib.preprocessing import PreprocessingConfig, head_mask_on_grid
 
 from . import distributed
 from .data import UnpairedSampler, cache_split, describe, load_cohort, step_generator
@@ -181,7 +181,9 @@ class Trainer:
                 amap = self.method.validation_map(x)
             amap = amap.float().cpu().numpy()[0, 0]
             if data.labels[i] == 1 and data.has_mask[i]:
-                for k, v in map_scores(amap, data.masks[i, 0].numpy()).items():
+                # scored inside the head for head-cropped models, as the evaluation and the inference mask
+                region = head_mask_on_grid(data.images[i, 0].numpy(), self.preprocessing)
+                for k, v in map_scores(amap, data.masks[i, 0].numpy(), region=region).items():
                     scores[k].append(v)
             elif data.labels[i] == 0:
                 scores["normal_abs_map"].append(float(np.abs(amap).mean()))
