@@ -62,6 +62,25 @@ def test_bare_pickle_is_refused_and_a_header_length_starting_with_0x80_is_not_mi
     assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"classes": ["normal", "mild", "severe"]}, "explains two-class models"),
+        ({"classes": ["normal", "normal"]}, "explains two-class models"),
+        ({"normal_class": 2}, "normal_class 2 does not index"),
+        ({"preprocessing": {"spatial_dims": 3, "size": [32, 32], "spacing": [1.0, 1.0]}}, "not a valid 2D or 3D grid"),
+    ],
+)
+def test_models_whose_classes_or_grid_do_not_fit_are_refused(tiny_2d_model, tmp_path, change, message):
+    metadata = read_metadata(tiny_2d_model)
+    _, tensors = load_model_file(tiny_2d_model)
+    for key, value in change.items():
+        setattr(metadata, key, value if key != "preprocessing" else {**metadata.preprocessing, **value})
+    path = save_model(tmp_path / "odd.safetensors", tensors, metadata)
+    with pytest.raises(ModelFileError, match=message):
+        read_metadata(path)
+
+
 def test_tampered_weights_fail_the_checksum(tiny_2d_model, tmp_path):
     path = tmp_path / "tampered.safetensors"
     shutil.copy(tiny_2d_model, path)
@@ -126,7 +145,7 @@ def test_failed_run_leaves_nothing_behind(tiny_2d_model, tmp_path):
 def test_save_is_atomic_and_digest_covers_every_tensor(tmp_path):
     from CounterfactualVALib.checkpoint import ModelMetadata
 
-    meta = ModelMetadata(method="vantgan", method_config={}, preprocessing={"spatial_dims": 2})
+    meta = ModelMetadata(method="vantgan", method_config={}, preprocessing={"spatial_dims": 2, "size": [8, 8], "spacing": [1.0, 1.0]})
     path = save_model(tmp_path / "m.safetensors", {"a2m.w": torch.ones(3)}, meta)
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
     digest = read_metadata(path).weights_sha256

@@ -142,7 +142,29 @@ def read_metadata(path: str | os.PathLike) -> ModelMetadata:
             f"{path} is a model of method {data['method']!r}, which this version does not know "
             f"(known: {', '.join(available_methods())}). Update the extension or pick another model."
         )
+    _check_classes_and_grid(path, data)
     return ModelMetadata.from_dict(data)
+
+
+def _check_classes_and_grid(path: Path, data: dict) -> None:
+    """The explanation needs two classes with one named normal, and a 2D/3D grid it can resample onto."""
+    classes, normal = data["classes"], data["normal_class"]
+    if not isinstance(classes, list) or len(classes) != 2 or len(set(map(str, classes))) != 2:
+        raise ModelFileError(
+            f"{path}: the model's classes are {classes!r}; CounterfactualVA explains two-class models (normal vs "
+            "abnormal). Retrain with a cohort whose labels are 0 (normal) and 1 (abnormal)."
+        )
+    if not isinstance(normal, int) or not 0 <= normal < 2:
+        raise ModelFileError(f"{path}: normal_class {normal!r} does not index the classes {classes}; the metadata was edited or damaged.")
+    from .preprocessing import PreprocessingConfig
+
+    try:
+        PreprocessingConfig.from_dict(data["preprocessing"])
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(
+            f"{path}: the model grid is not a valid 2D or 3D grid ({exc}); the metadata was edited, damaged or written by "
+            "a newer version. Re-export the model with `counterfactualva train`, or update the extension."
+        ) from None
 
 
 def load_model_file(path: str | os.PathLike, expected_method: str | None = None) -> tuple[ModelMetadata, dict]:
