@@ -63,6 +63,8 @@ from CounterfactualVALib.slicer_module_support import (  # noqa: E402  (stand-in
 DEVICES = ("auto", "cpu", "cuda")
 #: must match `counterfactualva attribute --threshold-rule` (checked by Testing/test_slicer_logic.py)
 THRESHOLD_RULES = ("paper", "max-fraction", "percentile", "absolute")
+#: colour maps of the signed attribution overlay (white at zero; the first is the default)
+PALETTES = tuple(slicer_nodes.DIVERGING_PALETTES)
 #: what the attribution process imports (checked before launching, installed on request in Slicer)
 REQUIRED_PACKAGES = {
     "torch": None,  # from Slicer's PyTorch extension
@@ -185,6 +187,7 @@ if parameterNodeWrapper is not None:
         opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
         createSegmentation: bool = False
         transparentBelowThreshold: bool = True
+        colorMap: Annotated[str, Choice(list(PALETTES))] = slicer_nodes.DEFAULT_PALETTE
 
 else:
     CounterfactualVAParameterNode = None
@@ -222,6 +225,7 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
         self.ui.showAdvancedOptionsCheckBox.connect("toggled(bool)", self._showAdvancedOptions)
         self.ui.resetOptionsButton.connect("clicked(bool)", self._resetMethodOptions)
         self.ui.progressBar.hide()
+        self.ui.deviceInfoLabel.text = self.logic.deviceDescription()
 
         self.initializeParameterNode()
         self._updateModelInfo()
@@ -372,6 +376,7 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
             self.ui.thresholdValueSpinBox,
             self.ui.createSegmentationCheckBox,
             self.ui.transparentBelowThresholdCheckBox,
+            self.ui.colorMapComboBox,
             self.ui.methodOptionsFormWidget,
             self.ui.showAdvancedOptionsCheckBox,
             self.ui.resetOptionsButton,
@@ -411,6 +416,7 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
                 opacity=p.opacity,
                 createSegmentation=p.createSegmentation,
                 transparentBelowThreshold=p.transparentBelowThreshold,
+                palette=p.colorMap,
                 methodOptions=self.methodOptions(),
                 waitForCompletion=False,
                 progressCallback=self._onProgress,
@@ -804,6 +810,22 @@ class CounterfactualVALogic(_LogicBase):
     def missingPythonPackages() -> list:
         return [name for name in REQUIRED_PACKAGES if importlib.util.find_spec(name) is None]
 
+    @staticmethod
+    def deviceDescription() -> str:
+        """One line for the panel: the CUDA GPU (device 0) and its memory, or that the CPU is used, or that
+        PyTorch is not installed yet. Never raises (a broken PyTorch install reads as not installed)."""
+        try:
+            import torch
+        except (ImportError, OSError):  # not installed, or a broken install (missing shared libraries)
+            return "PyTorch not installed yet (installed on first Apply)"
+        try:
+            if torch.cuda.is_available():
+                properties = torch.cuda.get_device_properties(0)
+                return f"GPU: {properties.name}, {properties.total_memory / 1024**3:.1f} GiB"
+        except (RuntimeError, AssertionError) as error:  # e.g. a driver mismatch
+            return f"No usable CUDA GPU ({error}): runs on the CPU"
+        return "No CUDA GPU detected: runs on the CPU"
+
     def setupPythonRequirements(self, askConfirmation: bool = True) -> bool:
         """Install what the attribution process needs into Slicer's Python (asks first); True when ready.
 
@@ -905,13 +927,14 @@ class CounterfactualVALogic(_LogicBase):
         cpuFallback: bool = True,
         methodOptions: dict | None = None,
         transparentBelowThreshold: bool = True,
+        palette: str = slicer_nodes.DEFAULT_PALETTE,
     ):
         """Explain `inputVolumeNode` with the model in `modelPath`.
 
         `methodOptions` go to the method's `attribute` (the model's method lists them, see
         :meth:`methodOptionSpecs`: e.g. ICAM {"samples": 20, "direction": "to_normal"}, medXGAN
-        {"inversion_steps": 500}, classifier {"explainer": "gradcam"}). `opacity`, `createSegmentation` and
-        `transparentBelowThreshold` are how the results are shown (see :meth:`loadResults`).
+        {"inversion_steps": 500}, classifier {"explainer": "gradcam"}). `opacity`, `createSegmentation`,
+        `transparentBelowThreshold` and `palette` are how the results are shown (see :meth:`loadResults`).
 
         waitForCompletion=True: returns a CounterfactualVAResult (new nodes + summary), raises RuntimeError on
         failure. False: returns the running CounterfactualVAProcess; call poll() until it returns True (then
@@ -920,6 +943,8 @@ class CounterfactualVALogic(_LogicBase):
         the CPU and say so in the log.
         """
         self.validate(inputVolumeNode, modelPath, device, thresholdRule, thresholdValue)
+        if palette not in PALETTES:
+            raise ValueError(f"Unknown colour map {palette!r}: use one of {', '.join(PALETTES)}.")
         missing = self.missingPythonPackages()
         if missing:
             raise RuntimeError(
@@ -935,7 +960,10 @@ class CounterfactualVALogic(_LogicBase):
             inputPath = slicer_nodes.write_volume(inputVolumeNode, os.path.join(tempDir, f"{stem}.nrrd"))
             outDir = os.path.join(tempDir, "output")
             command = self.buildCommand(os.path.abspath(str(modelPath)), inputPath, outDir, device, thresholdRule, thresholdValue, methodOptions)
-            loadOptions = {"opacity": opacity, "createSegmentation": createSegmentation, "transparentBelowThreshold": transparentBelowThreshold}
+            loadOptions = {
+                "opacity": opacity, "createSegmentation": createSegmentation,
+                "transparentBelowThreshold": transparentBelowThreshold, "palette": palette,
+            }
             process = CounterfactualVAProcess(
                 self, inputVolumeNode, command, self.childEnvironment(device), tempDir, outDir, device, loadOptions,
                 progressCallback, logCallback, cpuFallback,
@@ -964,7 +992,7 @@ class CounterfactualVALogic(_LogicBase):
         """Run :meth:`run` (blocking) on each volume in turn and summarise the runs in a table node.
 
         `runOptions` are :meth:`run`'s keywords (device, thresholdRule, thresholdValue, opacity,
-        createSegmentation, timeout, methodOptions, ...), the same for every volume.
+        createSegmentation, transparentBelowThreshold, palette, timeout, methodOptions, ...), the same for every volume.
 
         Returns ``(tableNode, results)``: the table ("CounterfactualVA summary", new unless `tableNode` is
         given, in which case its rows are replaced) has one row per volume with the volume's name, the method,
@@ -1055,7 +1083,7 @@ class CounterfactualVALogic(_LogicBase):
     # -- results -------------------------------------------------------------------------------------------
     def loadResults(
         self, inputVolumeNode, outDir, opacity: float = 0.6, createSegmentation: bool = False, show: bool = True,
-        transparentBelowThreshold: bool = True,
+        transparentBelowThreshold: bool = True, palette: str = slicer_nodes.DEFAULT_PALETTE,
     ) -> CounterfactualVAResult:
         """Load a finished output folder (summary.json + images on the input's grid) into new nodes.
 
@@ -1063,7 +1091,11 @@ class CounterfactualVALogic(_LogicBase):
         bad folder adds nothing. transparentBelowThreshold: the signed attribution's colour table is
         transparent for |value| below the mask threshold, so the overlay colours only the attribution that
         passed it and the scan shows unchanged elsewhere (False: the whole map is drawn, white at zero, tinting
-        the view). Only the display changes: the attribution node holds the map's values either way."""
+        the view). Only the display changes: the attribution node holds the map's values either way.
+        palette: the diverging colour map of the signed maps (one of :data:`PALETTES`; ValueError otherwise,
+        before anything is read)."""
+        if palette not in PALETTES:
+            raise ValueError(f"Unknown colour map {palette!r}: use one of {', '.join(PALETTES)}.")
         summaryPath = os.path.join(outDir, "summary.json")
         if not os.path.isfile(summaryPath):
             raise RuntimeError(f"The attribution finished without a summary ({summaryPath} is missing): the output is incomplete.")
@@ -1100,9 +1132,9 @@ class CounterfactualVALogic(_LogicBase):
                 if role == "attribution" and transparentBelowThreshold:
                     maskNode = next(loadedNode for loadedRole, _name, loadedNode, _kind in loaded if loadedRole == "mask")
                     cut = slicer_nodes.overlay_threshold(summary, node, maskNode)
-                    slicer_nodes.show_signed_map(node, transparent_below=cut)
+                    slicer_nodes.show_signed_map(node, transparent_below=cut, palette=palette)
                 elif kind == "difference":
-                    slicer_nodes.show_signed_map(node)
+                    slicer_nodes.show_signed_map(node, palette=palette)
                 elif kind == "probability":
                     slicer_nodes.show_probability(node)
                 elif kind == "mask":

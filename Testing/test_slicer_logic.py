@@ -335,6 +335,65 @@ def test_diverging_colour_table_is_symmetric_and_reused(scene, tmp_path):
     assert rgba[n // 2, :3].min() > 0.95  # white around zero
 
 
+def test_colour_map_choice_changes_the_attribution_table_and_tables_are_reused_per_palette(scene, tmp_path):
+    node = oblique_volume(scene)
+    write_fixture_outputs(node, tmp_path)
+    logic = CounterfactualVALogic()
+    assert module.PALETTES[0] == slicer_nodes.DEFAULT_PALETTE == "blue-red" and "purple-orange" in module.PALETTES
+    default = logic.loadResults(node, tmp_path)
+    chosen = logic.loadResults(node, tmp_path, palette="purple-orange")
+    again = logic.loadResults(node, tmp_path, palette="purple-orange")
+
+    def rgba(result):
+        table = result.attribution.GetDisplayNode().GetColorNode()
+        return np.array([table.GetLookupTable().GetTableValue(i) for i in range(table.GetNumberOfColors())])
+
+    blue_red, purple_orange = rgba(default), rgba(chosen)
+    assert not np.allclose(blue_red[-1, :3], purple_orange[-1, :3])  # extreme positive entry: red vs orange
+    assert not np.allclose(blue_red[0, :3], purple_orange[0, :3])
+    assert purple_orange[-1, 0] > purple_orange[-1, 2] and purple_orange[0, 2] > purple_orange[0, 1]  # orange / purple
+    # the overlay table keeps the transparent centre and the white at zero
+    assert purple_orange[100, 3] == purple_orange[128, 3] == purple_orange[156, 3] == 0.0
+    assert purple_orange[0, 3] == purple_orange[255, 3] == 1.0
+    assert purple_orange[127, :3].min() > 0.95
+    table = chosen.attribution.GetDisplayNode().GetColorNode()
+    assert "purple-orange" in table.GetName() and "purple-orange" in table.GetAttribute(slicer_nodes.COLOR_ATTRIBUTE)
+    assert default.attribution.GetDisplayNode().GetColorNodeID() != table.GetID()
+    assert again.attribution.GetDisplayNode().GetColorNodeID() == table.GetID()  # reused per palette
+    # extras shown as signed maps follow the palette too; their opaque table is one per palette
+    opaque = again.extras["icam_std"].GetDisplayNode().GetColorNode()
+    assert opaque.GetName() == f"{slicer_nodes.DIVERGING_COLOR_NODE_NAME} purple-orange"
+    assert slicer_nodes.diverging_color_node(scene, palette="purple-orange").GetID() == opaque.GetID()
+    assert slicer_nodes.diverging_color_node(scene).GetName() == slicer_nodes.DIVERGING_COLOR_NODE_NAME
+    # an unknown palette is refused, naming the choices, and adds nothing
+    count = node_count(scene)
+    with pytest.raises(ValueError, match="Unknown colour map 'rainbow': use one of blue-red, purple-orange"):
+        logic.loadResults(node, tmp_path, palette="rainbow")
+    with pytest.raises(ValueError, match="green-magenta"):
+        slicer_nodes.show_signed_map(default.attribution, palette="rainbow")
+    with pytest.raises(ValueError, match="blue-red"):
+        slicer_nodes.signed_overlay_color_node(scene, 0.25, palette="rainbow")
+    assert node_count(scene) == count
+    assert default.attribution.GetDisplayNode().GetColorNodeID() != table.GetID()
+
+
+def test_device_description_names_the_gpu_or_the_cpu(monkeypatch):
+    import torch
+
+    assert not torch.cuda.is_available()  # this test machine
+    assert CounterfactualVALogic.deviceDescription() == "No CUDA GPU detected: runs on the CPU"
+
+    class Properties:
+        name = "NVIDIA Test GPU"
+        total_memory = 24 * 1024**3
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties())
+    assert CounterfactualVALogic().deviceDescription() == "GPU: NVIDIA Test GPU, 24.0 GiB"
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch fails
+    assert CounterfactualVALogic.deviceDescription() == "PyTorch not installed yet (installed on first Apply)"
+
+
 def _render_red_view(scene, size=96):
     """The Red slice view's blended RGB image (rows top first) as vtkMRMLSliceLogic computes it for a Slicer
     slice view (benchmarks/render_slice_views.py), and a function mapping a RAS point to its (row, column)."""

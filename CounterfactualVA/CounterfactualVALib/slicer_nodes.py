@@ -251,49 +251,79 @@ def _find_color_node(scene, key: str):
     return None
 
 
-_DIVERGING_ANCHORS = {
-    "negative": np.array([0.02, 0.19, 0.58]),  # dark blue
-    "mid_negative": np.array([0.26, 0.58, 0.86]),
-    "white": np.array([1.0, 1.0, 1.0]),
-    "mid_positive": np.array([0.93, 0.40, 0.29]),
-    "positive": np.array([0.60, 0.0, 0.05]),  # dark red
+#: named diverging palettes for signed maps: (negative end, mid-negative, mid-positive, positive end), white at
+#: zero. "blue-red" is the default; "purple-orange" and "green-magenta" (ColorBrewer PuOr / PiYG) stay
+#: distinguishable for red-green colour-blind readers.
+DIVERGING_PALETTES = {
+    "blue-red": ((0.02, 0.19, 0.58), (0.26, 0.58, 0.86), (0.93, 0.40, 0.29), (0.60, 0.0, 0.05)),
+    "purple-orange": ((0.33, 0.15, 0.53), (0.60, 0.56, 0.76), (0.95, 0.64, 0.25), (0.70, 0.35, 0.02)),
+    "green-magenta": ((0.15, 0.39, 0.10), (0.50, 0.74, 0.25), (0.87, 0.47, 0.68), (0.56, 0.0, 0.32)),
 }
+DEFAULT_PALETTE = "blue-red"
 
 
-def _diverging_rgb(t: float) -> np.ndarray:
-    """Blue - white - red for t in [-1, 1] (white at 0)."""
-    c = _DIVERGING_ANCHORS
+def _palette_anchors(palette: str) -> dict:
+    if palette not in DIVERGING_PALETTES:
+        raise ValueError(f"Unknown colour map {palette!r}: use one of {', '.join(DIVERGING_PALETTES)}.")
+    negative, mid_negative, mid_positive, positive = (np.array(c) for c in DIVERGING_PALETTES[palette])
+    return {"negative": negative, "mid_negative": mid_negative, "white": np.array([1.0, 1.0, 1.0]),
+            "mid_positive": mid_positive, "positive": positive}
+
+
+_DIVERGING_ANCHORS = _palette_anchors(DEFAULT_PALETTE)
+
+
+def _diverging_rgb(t: float, anchors: dict | None = None) -> np.ndarray:
+    """Negative colour - white - positive colour for t in [-1, 1] (white at 0; blue - red by default)."""
+    c = _DIVERGING_ANCHORS if anchors is None else anchors
     a = abs(t)
     high = c["mid_negative"] if t < 0 else c["mid_positive"]
     end = c["negative"] if t < 0 else c["positive"]
     return c["white"] + (high - c["white"]) * (a / 0.5) if a <= 0.5 else high + (end - high) * ((a - 0.5) / 0.5)
 
 
-def _make_diverging_table(scene, key: str, name: str, entries: int, alphas, description: str):
+def _palette_key(key: str, palette: str) -> str:
+    """Colour-table key of a palette: the default palette keeps the plain key (tables of earlier scenes are reused)."""
+    return key if palette == DEFAULT_PALETTE else f"{key}:{palette}"
+
+
+def _palette_name(name: str, palette: str) -> str:
+    return name if palette == DEFAULT_PALETTE else f"{name} {palette}"
+
+
+def _make_diverging_table(scene, key: str, name: str, entries: int, alphas, description: str, palette: str = DEFAULT_PALETTE):
+    anchors = _palette_anchors(palette)
     node = slicer.vtkMRMLColorTableNode()
     node.SetName(name)
     node.SetAttribute(COLOR_ATTRIBUTE, key)
     node.SetTypeToUser()
     node.SetNumberOfColors(entries)
     for i in range(entries):
-        rgb = _diverging_rgb(2.0 * i / (entries - 1) - 1.0)
+        rgb = _diverging_rgb(2.0 * i / (entries - 1) - 1.0, anchors)
         node.SetColor(i, "", float(rgb[0]), float(rgb[1]), float(rgb[2]), 1.0 if alphas is None else float(alphas[i]))
     node.SetDescription(description)
     scene.AddNode(node)
     return node
 
 
-def diverging_color_node(scene, entries: int = 256):
+def diverging_color_node(scene, entries: int = 256, palette: str = DEFAULT_PALETTE):
     """The 'CounterfactualVA Diverging' colour table (blue - white - red, white at the centre entry), made
     in code on first use and reused afterwards. Pair it with a window centred on 0 (:func:`set_symmetric_window`)
-    so that white means 'no difference', blue 'counterfactual darker than input', red 'brighter'."""
-    node = _find_color_node(scene, "diverging")
+    so that white means 'no difference', blue 'counterfactual darker than input', red 'brighter'.
+
+    `palette`: one of :data:`DIVERGING_PALETTES` (ValueError otherwise); each palette has its own table
+    ('CounterfactualVA Diverging purple-orange', ...), the default keeps the plain name."""
+    _palette_anchors(palette)
+    key = _palette_key("diverging", palette)
+    node = _find_color_node(scene, key)
     if node is not None:
         return node
+    low, high = palette.split("-", 1)
     return _make_diverging_table(
-        scene, "diverging", DIVERGING_COLOR_NODE_NAME, entries, None,
-        "Diverging colour map for signed CounterfactualVA maps: blue negative, white zero, red positive. "
+        scene, key, _palette_name(DIVERGING_COLOR_NODE_NAME, palette), entries, None,
+        f"Diverging colour map for signed CounterfactualVA maps: {low} negative, white zero, {high} positive. "
         "Use with a window centred on 0.",
+        palette,
     )
 
 
@@ -319,7 +349,7 @@ def overlay_alphas(fraction: float, entries: int = 256) -> np.ndarray:
     return (largest >= fraction).astype(float)
 
 
-def signed_overlay_color_node(scene, fraction: float, entries: int = 256):
+def signed_overlay_color_node(scene, fraction: float, entries: int = 256, palette: str = DEFAULT_PALETTE):
     """A diverging table like :func:`diverging_color_node` whose centre entries are transparent (see
     :func:`overlay_alphas`): used with a window [-m, m], values with |v| < fraction * m are not drawn in slice
     views (the layer below shows unchanged) and the others keep the diverging colours. Slice views honour a
@@ -328,20 +358,24 @@ def signed_overlay_color_node(scene, fraction: float, entries: int = 256):
     map's own values.
 
     One table per distinct transparent band, reused (the 'paper' rule's cut at half the maximum always gives
-    the same one). The opaque table when nothing would be transparent."""
+    the same one), and per `palette` (see :func:`diverging_color_node`). The opaque table when nothing would
+    be transparent."""
+    _palette_anchors(palette)
     alphas = overlay_alphas(fraction, entries)
     if alphas.min() >= 1.0:
-        return diverging_color_node(scene, entries)
+        return diverging_color_node(scene, entries, palette)
     hidden = np.flatnonzero(alphas == 0)
-    key = f"diverging-overlay:{entries}:{hidden[0]}:{hidden[-1]}"
+    key = _palette_key(f"diverging-overlay:{entries}:{hidden[0]}:{hidden[-1]}", palette)
     node = _find_color_node(scene, key)
     if node is not None:
         return node
     percent = 100.0 * fraction
+    low, high = palette.split("-", 1)
     return _make_diverging_table(
-        scene, key, f"{DIVERGING_COLOR_NODE_NAME} (transparent below {percent:.3g}%)", entries, alphas,
-        f"Diverging colour map for signed CounterfactualVA overlays (blue negative, red positive), transparent "
+        scene, key, f"{_palette_name(DIVERGING_COLOR_NODE_NAME, palette)} (transparent below {percent:.3g}%)", entries, alphas,
+        f"Diverging colour map for signed CounterfactualVA overlays ({low} negative, {high} positive), transparent "
         f"for |value| below {percent:.3g}% of the window's half-width. Use with a window centred on 0.",
+        palette,
     )
 
 
@@ -375,20 +409,22 @@ def set_symmetric_window(node, max_abs: float | None = None) -> float:
     return max_abs
 
 
-def show_signed_map(node, max_abs: float | None = None, transparent_below: float | None = None) -> float:
+def show_signed_map(node, max_abs: float | None = None, transparent_below: float | None = None, palette: str = DEFAULT_PALETTE) -> float:
     """Diverging colours and a window [-m, m] centred on zero (m = max |value| unless given); returns m.
 
     `transparent_below` (a value in the map's units, see :func:`overlay_threshold`): voxels with |value|
     below it are transparent in slice views (:func:`overlay_alphas`), so a foreground overlay colours the
     strong attribution and leaves the anatomy underneath untouched elsewhere. None or 0: every voxel is drawn (white
-    at zero), as for maps shown on their own. The voxels are never changed."""
+    at zero), as for maps shown on their own. `palette`: the diverging colours (:data:`DIVERGING_PALETTES`,
+    ValueError for an unknown name, before anything changes). The voxels are never changed."""
+    _palette_anchors(palette)
     display = node.GetDisplayNode()
     m = set_symmetric_window(node, max_abs)
     scene = node.GetScene()
     if transparent_below is not None and transparent_below > 0:
-        color = signed_overlay_color_node(scene, float(transparent_below) / m)
+        color = signed_overlay_color_node(scene, float(transparent_below) / m, palette=palette)
     else:
-        color = diverging_color_node(scene)
+        color = diverging_color_node(scene, palette=palette)
     display.SetAndObserveColorNodeID(color.GetID())
     return m
 
