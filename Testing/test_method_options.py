@@ -60,7 +60,7 @@ def test_every_registered_method_gets_a_spec_per_option(method):
     # what this module writes about the method agrees with the method (fallbacks are used without torch)
     for name, described in method_options.DESCRIPTIONS[method].items():
         assert name in cls.attribute_options, f"{method}: '{name}' is described but the method has no such option"
-        assert described.fallback == cls.attribute_options[name]
+        assert described.default == cls.attribute_options[name]
 
 
 def test_icam_samples_and_direction():

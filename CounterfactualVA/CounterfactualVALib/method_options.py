@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 TYPES = ("int", "float", "bool", "choice", "str")
@@ -92,100 +92,90 @@ class OptionSpec:
         return number
 
 
-@dataclass(frozen=True)
-class _Describe:
-    """What this module writes about one option (the default comes from the method)."""
-
-    type: str
-    label: str
-    tooltip: str
-    fallback: Any
-    choices: tuple = ()
-    minimum: float | None = None
-    maximum: float | None = None
-    step: float | None = None
-    decimals: int | None = None
-    advanced: bool = False
+def _describe(type: str, label: str, tooltip: str, fallback: Any, **limits) -> OptionSpec:
+    """What this module writes about one option, as an unnamed spec: `fallback` is the default used only when
+    the method cannot be imported; :func:`option_specs` fills in the name and the method's own default."""
+    return OptionSpec(name="", type=type, default=fallback, label=label, tooltip=tooltip, **limits)
 
 
-_SEED = _Describe("int", "Random seed", "Seed of the random draws (same seed, same result).", 0, minimum=0, maximum=INT_LIMIT, advanced=True)
+_SEED = _describe("int", "Random seed", "Seed of the random draws (same seed, same result).", 0, minimum=0, maximum=INT_LIMIT, advanced=True)
 
 #: method name -> option name -> description; an empty dict: the method takes no options
-DESCRIPTIONS: dict[str, dict[str, _Describe]] = {
+DESCRIPTIONS: dict[str, dict[str, OptionSpec]] = {
     "vantgan": {},
     "antgan": {},
     "vagan": {},
     "agcyclegan": {},
     "icam": {
-        "samples": _Describe(
+        "samples": _describe(
             "int", "Latent samples",
             "Attribute codes drawn from the target class; the map is the first translation, icam_mean / icam_std "
             "summarise all of them (more samples: steadier mean and std, longer run).", 20, minimum=1, maximum=1000,
         ),
-        "direction": _Describe(
+        "direction": _describe(
             "choice", "Direction",
             "to_normal: translate the scan to the normal class (its healthy counterpart); to_abnormal: the other "
             "way; auto: towards the class the classifier does not predict.", "to_normal", choices=ICAM_DIRECTIONS,
         ),
-        "p_accept": _Describe(
+        "p_accept": _describe(
             "float", "Acceptance probability",
             "A drawn code is kept when the latent classifier gives it at least this probability of the target "
             "class (rejection sampling); when too few pass, the most probable ones are used.", 0.9,
             minimum=0.0, maximum=1.0, step=0.05, decimals=3, advanced=True,
         ),
-        "max_candidates": _Describe(
+        "max_candidates": _describe(
             "int", "Maximum candidates", "At most this many codes are drawn while looking for accepted ones.", 20000,
             minimum=1, maximum=10_000_000, advanced=True,
         ),
         "seed": _SEED,
     },
     "medxgan": {
-        "inversion_steps": _Describe(
+        "inversion_steps": _describe(
             "int", "Inversion steps",
             "Adam steps that fit the generator's latent codes to the scan (paper: 500); fewer: faster, "
             "coarser reconstruction (its MSE is reported as inversion_mse).", 500, minimum=1, maximum=100_000,
         ),
-        "inversion_lr": _Describe(
+        "inversion_lr": _describe(
             "float", "Inversion learning rate", "Adam learning rate of the latent inversion.", 0.01,
             minimum=1e-6, maximum=10.0, step=0.001, decimals=6, advanced=True,
         ),
-        "ig_steps": _Describe(
+        "ig_steps": _describe(
             "int", "Integrated-gradient steps", "Steps of the latent integrated gradients (medxgan_lig).", 11,
             minimum=2, maximum=1000,
         ),
-        "interpolation_frames": _Describe(
+        "interpolation_frames": _describe(
             "int", "Interpolation frames", "Frames of the latent interpolation series from the negative to the scan.", 11,
             minimum=2, maximum=200,
         ),
         "seed": _SEED,
     },
     "classifier": {
-        "explainer": _Describe(
+        "explainer": _describe(
             "choice", "Explainer",
             "cam: class activation map; gradcam: Grad-CAM; integrated_gradients: from a constant baseline image; "
             "occlusion: change of the log-odds when a patch is occluded.", "gradcam", choices=CLASSIFIER_EXPLAINERS,
         ),
-        "target": _Describe(
+        "target": _describe(
             "choice", "Explained class", "abnormal: positive = evidence for abnormal; normal: the sign flipped.", "abnormal",
             choices=CLASSIFIER_TARGETS,
         ),
-        "ig_steps": _Describe(
+        "ig_steps": _describe(
             "int", "Integrated-gradient steps", "Interpolation steps from the baseline (integrated_gradients only).", 50,
             minimum=1, maximum=2000,
         ),
-        "ig_baseline": _Describe(
+        "ig_baseline": _describe(
             "float", "IG baseline value", "Constant baseline image in model intensities, -1 = the background (integrated_gradients only).",
             -1.0, minimum=-10.0, maximum=10.0, step=0.1, decimals=3, advanced=True,
         ),
-        "occlusion_mask_size": _Describe(
+        "occlusion_mask_size": _describe(
             "int", "Occlusion patch size", "Side of the occluded patch in model voxels; 0: automatic (occlusion only).", 0,
             minimum=0, maximum=512,
         ),
-        "occlusion_overlap": _Describe(
+        "occlusion_overlap": _describe(
             "float", "Occlusion overlap", "Overlap of neighbouring patches, 0 to below 1 (occlusion only).", 0.5,
             minimum=0.0, maximum=0.95, step=0.05, decimals=2, advanced=True,
         ),
-        "occlusion_mode": _Describe(
+        "occlusion_mode": _describe(
             "choice", "Occlusion fill", "What fills the occluded patch: the image mean, the patch mean, or a Gaussian blur (occlusion only).",
             "mean_img", choices=OCCLUSION_MODES, advanced=True,
         ),
@@ -197,16 +187,16 @@ def _label(name: str) -> str:
     return name.replace("_", " ").capitalize()
 
 
-def _inferred(name: str, default) -> _Describe:
+def _inferred(name: str, default) -> OptionSpec:
     """A description for an option this module does not know, from its default's type."""
     tooltip = f"Method option '{name}' (default {default!r})."
     if isinstance(default, bool):
-        return _Describe("bool", _label(name), tooltip, default)
+        return _describe("bool", _label(name), tooltip, default)
     if isinstance(default, int):
-        return _Describe("int", _label(name), tooltip, default, minimum=-INT_LIMIT, maximum=INT_LIMIT, advanced=name == "seed")
+        return _describe("int", _label(name), tooltip, default, minimum=-INT_LIMIT, maximum=INT_LIMIT, advanced=name == "seed")
     if isinstance(default, float):
-        return _Describe("float", _label(name), tooltip, default, minimum=-1e9, maximum=1e9, decimals=6)
-    return _Describe("str", _label(name), tooltip, "" if default is None else str(default))
+        return _describe("float", _label(name), tooltip, default, minimum=-1e9, maximum=1e9, decimals=6)
+    return _describe("str", _label(name), tooltip, "" if default is None else str(default))
 
 
 def method_defaults(method: str) -> dict | None:
@@ -230,22 +220,17 @@ def option_specs(method: str, defaults: dict | None = None) -> list[OptionSpec]:
     if defaults is None:
         if described is None:
             raise ValueError(f"Unknown method {method!r}: the model file was written for a method this version does not have.")
-        defaults = {name: d.fallback for name, d in described.items()}
+        defaults = {name: d.default for name, d in described.items()}
     described = described or {}
     specs = []
     for name, default in defaults.items():
         d = described.get(name) or _inferred(name, default)
         if d.type == "choice" and default not in d.choices:
-            d = _Describe("str", d.label, d.tooltip, default, advanced=d.advanced)
+            d = _describe("str", d.label, d.tooltip, default, advanced=d.advanced)
         if d.type == "int" and isinstance(default, float):
-            d = _Describe("float", d.label, d.tooltip, default, minimum=d.minimum, maximum=d.maximum, advanced=d.advanced)
-        specs.append(
-            OptionSpec(
-                name=name, type=d.type, default="" if default is None and d.type == "str" else default, label=d.label,
-                tooltip=f"{d.tooltip} Default: {default!r}.", choices=d.choices, minimum=d.minimum, maximum=d.maximum,
-                step=d.step, decimals=d.decimals, advanced=d.advanced,
-            )
-        )
+            d = _describe("float", d.label, d.tooltip, default, minimum=d.minimum, maximum=d.maximum, advanced=d.advanced)
+        tooltip = f"{d.tooltip} Default: {default!r}."
+        specs.append(replace(d, name=name, default="" if default is None and d.type == "str" else default, tooltip=tooltip))
     return specs
 
 
