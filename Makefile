@@ -12,7 +12,7 @@ setup:
 	$(PYTHON) -m pip install -q -e ".[training,phantom,slicer,test]"
 
 demo: setup
-	$(PYTHON) -m CounterfactualVALib.cli attribute --model $(SAMPLE_MODEL) --input $(SAMPLE_SCAN) --out $(DEMO_OUT)
+	$(PYTHON) -m CounterfactualVACLI attribute --model $(SAMPLE_MODEL) --input $(SAMPLE_SCAN) --out $(DEMO_OUT)
 	@echo "Outputs in $(DEMO_OUT)/ (open phantom_atrophy_figure.png; summary.json has timings)"
 
 test: setup

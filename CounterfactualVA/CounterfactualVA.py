@@ -1,6 +1,6 @@
 """CounterfactualVA: counterfactual visual attribution of brain MRI in 3D Slicer.
 
-The module runs the library's own command line (``python -m CounterfactualVALib.cli attribute ...``) in a
+The module runs the library's own command line (``python -m CounterfactualVACLI attribute ...``) in a
 separate process, the way SlicerMONAIAuto3DSeg runs its inference: the input volume is written as NRRD to a
 temporary folder, the process reports ``PROGRESS <fraction> <stage>`` lines that a timer polls so the GUI
 stays live, Cancel kills it, and on success the output files are loaded into NEW nodes on the input's exact
@@ -776,7 +776,7 @@ class CounterfactualVALogic(_LogicBase):
 
     def buildCommand(self, modelPath, inputPath, outDir, device="auto", thresholdRule="paper", thresholdValue=None, methodOptions=None) -> list:
         command = [
-            self.pythonCommand(), "-m", "CounterfactualVALib.cli", "attribute",
+            self.pythonCommand(), "-m", "CounterfactualVACLI", "attribute",
             "--model", str(modelPath), "--input", str(inputPath), "--out", str(outDir),
             "--device", device, "--threshold-rule", thresholdRule,
         ]

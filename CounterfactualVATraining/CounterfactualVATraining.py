@@ -1,6 +1,6 @@
 """CounterfactualVATraining: train a counterfactual attribution model from 3D Slicer or its Python console.
 
-Training runs the library's own command line (``python -m CounterfactualVALib.cli train ... --progress``) in a
+Training runs the library's own command line (``python -m CounterfactualVACLI train ... --progress``) in a
 separate process, exactly as from the shell: the panel stays live, GPU memory is released when the run ends,
 and the command is the one the test suite runs. The process prints ``PROGRESS <fraction> step N/T loss_...=``
 lines, which are parsed into live values; the run's ``log.csv`` is mirrored into a table node
@@ -274,7 +274,7 @@ class CounterfactualVATrainingWidget(ParameterNodeWidgetMixin, ScriptedLoadableM
     def onReload(self):
         """Developer 'Reload': the training process always starts with fresh library code; reload the
         library modules this process imported for previews."""
-        for name in sorted(n for n in list(sys.modules) if n.startswith("CounterfactualVALib.data")):
+        for name in sorted(n for n in list(sys.modules) if n.startswith("CounterfactualVAResearch.data")):
             importlib.reload(sys.modules[name])
         ScriptedLoadableModuleWidget.onReload(self)
 
@@ -892,7 +892,7 @@ class CounterfactualVATrainingLogic(_LogicBase):
         column, or the split training will make), "splitSource": "csv" | "automatic", "problems": [messages
         that say what to do], "unreadable": [paths], "csv": the cohort CSV path or None}.
         """
-        from CounterfactualVALib.data.cohort import read_cohort_csv, stratified_split, write_cohort_csv
+        from CounterfactualVATrainingLib.cohort import read_cohort_csv, stratified_split, write_cohort_csv
         from CounterfactualVALib.imageio import InputError
 
         preview = {"counts": {"normal": 0, "abnormal": 0}, "splits": {}, "splitSource": None, "problems": [], "unreadable": [], "csv": None}
@@ -1128,7 +1128,7 @@ class CounterfactualVATrainingLogic(_LogicBase):
                      spacing=(3.0, 3.0, 3.0), device="auto", config=None, resume=False, crop="foreground", intensity="percentile",
                      orientation="RAS", seed=0, logEvery=None, valEvery=None, checkpointEvery=None) -> list:
         command = [
-            self.pythonCommand(), "-m", "CounterfactualVALib.cli", "train",
+            self.pythonCommand(), "-m", "CounterfactualVACLI", "train",
             "--method", method, "--data", str(csvPath), "--out", str(outputFolder), "--steps", str(int(steps)),
             "--spatial-dims", str(int(spatialDims)), "--size", *[str(int(s)) for s in size],
             "--spacing", *[repr(float(s)) for s in spacing], "--crop", crop, "--intensity", intensity,
@@ -1362,7 +1362,7 @@ class CounterfactualVATrainingTest(ScriptedLoadableModuleTest):
         logic = CounterfactualVATrainingLogic(scene=self.scene)
         if logic.missingPythonPackages():
             self.skipTest(f"missing Python packages: {logic.missingPythonPackages()}")
-        from CounterfactualVALib.data.synthetic import generate_synthetic
+        from CounterfactualVAResearch.data.synthetic import generate_synthetic
 
         folder = tempfile.mkdtemp(prefix="CounterfactualVATrainingTest-")
         try:

@@ -15,7 +15,7 @@ TINY_VANTGAN = ["ngf=8", "n_blocks=2", "ndf=8"]
 
 
 def tiny_method_config(pairs=TINY_VANTGAN) -> dict:
-    from CounterfactualVALib.cli import _key_values
+    from CounterfactualVACLI.cli import _key_values
 
     return _key_values(pairs)
 
@@ -23,7 +23,7 @@ def tiny_method_config(pairs=TINY_VANTGAN) -> dict:
 @pytest.fixture(scope="session")
 def synthetic_2d(tmp_path_factory):
     """40 synthetic 32x32 images (VA-GAN recipe, scaled down) with masks and a stratified split."""
-    from CounterfactualVALib.data.synthetic import generate_synthetic
+    from CounterfactualVAResearch.data.synthetic import generate_synthetic
 
     return generate_synthetic(tmp_path_factory.mktemp("synthetic2d"), n=40, size=32, spatial_dims=2, seed=0)
 

@@ -17,7 +17,7 @@ from CounterfactualVALib.preprocessing import PreprocessingConfig
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "CounterfactualVALib.cli", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "CounterfactualVACLI", *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from CounterfactualVALib.data import generate_phantom_cohort, generate_synthetic
-from CounterfactualVALib.data.cohort import read_cohort_csv, stratified_split, write_image
-from CounterfactualVALib.data.phantom import REGIONS
-from CounterfactualVALib.data.synthetic import make_synthetic_batch, synthetic_layout
+from CounterfactualVAResearch.data import generate_phantom_cohort, generate_synthetic
+from CounterfactualVATrainingLib.cohort import read_cohort_csv, stratified_split, write_image
+from CounterfactualVAResearch.data.phantom import REGIONS
+from CounterfactualVAResearch.data.synthetic import make_synthetic_batch, synthetic_layout
 
 
 def _array(path):

@@ -13,7 +13,7 @@ def test_torchrun_two_ranks_trains_one_model(synthetic_2d, tmp_path):
     out = tmp_path / "ddp"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-        "-m", "CounterfactualVALib.cli", "train", "--method", "vantgan", "--data", str(synthetic_2d), "--out", str(out),
+        "-m", "CounterfactualVACLI", "train", "--method", "vantgan", "--data", str(synthetic_2d), "--out", str(out),
         "--steps", "3", "--spatial-dims", "2", "--size", "32", "32", "--spacing", "1", "1", "--crop", "image", "--intensity", "minmax",
         "--config", "ngf=8", "--config", "n_blocks=2", "--config", "ndf=8", "--val-every", "3", "--device", "cpu",
     ]

@@ -167,7 +167,7 @@ def test_load_classifier_api(classifier_model):
 
 
 def _synthetic(n, rng):
-    from CounterfactualVALib.data.synthetic import make_synthetic_batch, map_to_unit_range
+    from CounterfactualVAResearch.data.synthetic import make_synthetic_batch, map_to_unit_range
 
     subtypes = ["control"] * (n // 2) + ["A"] * (n // 4) + ["B"] * (n - n // 2 - n // 4)
     images, masks = make_synthetic_batch(subtypes, 32, 2, rng)

@@ -16,7 +16,7 @@ if str(MODULE_DIR) not in sys.path:
 pytest.importorskip("torch")
 from CounterfactualVALib import method_options
 from CounterfactualVALib.checkpoint import ModelMetadata, save_model
-from CounterfactualVALib.cli import _key_values
+from CounterfactualVACLI.cli import _key_values
 from CounterfactualVALib.method_options import (
     OptionSpec,
     collect_options,

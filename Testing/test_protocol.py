@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from CounterfactualVALib.cli import main as cli_main
-from CounterfactualVALib.evaluation import attributed_fraction, evaluate, perturb_top_voxels
-from CounterfactualVALib.protocol import check_targets, read_protocol, run_protocol
+from CounterfactualVACLI.cli import main as cli_main
+from CounterfactualVAResearch.evaluation import attributed_fraction, evaluate, perturb_top_voxels
+from CounterfactualVAResearch.protocol import check_targets, read_protocol, run_protocol
 
 PROTOCOLS = Path(__file__).resolve().parents[1] / "benchmarks" / "protocols"
 TINY = PROTOCOLS / "synthetic_tiny.json"

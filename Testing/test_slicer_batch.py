@@ -156,6 +156,6 @@ def test_method_options_reach_the_command_line():
     command = CounterfactualVALogic().buildCommand("m.safetensors", "in.nrrd", "out", methodOptions={"samples": 12, "explainer": "gradcam"})
     assert command[command.index("--option") + 1] == "samples=12"
     assert "explainer=gradcam" in command
-    from CounterfactualVALib.cli import _key_values
+    from CounterfactualVACLI.cli import _key_values
 
     assert _key_values(["samples=12", "explainer=gradcam"]) == {"samples": 12, "explainer": "gradcam"}

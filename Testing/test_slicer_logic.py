@@ -162,7 +162,7 @@ def test_module_imports_under_slicer_core_without_qt():
 
 
 def test_threshold_rules_and_devices_match_the_command_line():
-    from CounterfactualVALib.cli import build_parser
+    from CounterfactualVACLI.cli import build_parser
 
     parser = build_parser()
     attribute = parser._subparsers._group_actions[0].choices["attribute"]
@@ -175,7 +175,7 @@ def test_command_and_child_environment():
     logic = CounterfactualVALogic()
     command = logic.buildCommand("/m/model.safetensors", "/t/in.nrrd", "/t/out", "cpu", "percentile", 99)
     assert command[0] == sys.executable
-    assert command[1:4] == ["-m", "CounterfactualVALib.cli", "attribute"]
+    assert command[1:4] == ["-m", "CounterfactualVACLI", "attribute"]
     assert command[command.index("--threshold-value") + 1] == "99.0"
     assert command[-1] == "--progress"
     assert "--threshold-value" not in logic.buildCommand("m", "i", "o")

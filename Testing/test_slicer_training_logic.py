@@ -45,7 +45,7 @@ GRID_2D = dict(spatialDims=2, size=(32, 32), spacing=(1, 1), crop="image", inten
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """24 synthetic 32x32 images (12 normal, 12 abnormal) with masks and a split column."""
-    from CounterfactualVALib.data.synthetic import generate_synthetic
+    from CounterfactualVAResearch.data.synthetic import generate_synthetic
 
     return Path(generate_synthetic(tmp_path_factory.mktemp("cohort2d"), n=24, size=32, spatial_dims=2, seed=0))
 
@@ -69,13 +69,13 @@ def model_registry(tmp_path, monkeypatch):
 
 
 def cohort_rows(csv_path):
-    from CounterfactualVALib.data.cohort import read_cohort_csv
+    from CounterfactualVATrainingLib.cohort import read_cohort_csv
 
     return read_cohort_csv(csv_path)
 
 
 def write_csv(path, rows):
-    from CounterfactualVALib.data.cohort import write_cohort_csv
+    from CounterfactualVATrainingLib.cohort import write_cohort_csv
 
     return write_cohort_csv(path, rows)
 
@@ -105,7 +105,7 @@ def test_module_imports_under_slicer_core_without_qt():
 
 
 def test_choices_match_the_command_line_and_the_registry():
-    from CounterfactualVALib.cli import build_parser
+    from CounterfactualVACLI.cli import build_parser
     from CounterfactualVALib.methods import available_methods
     from CounterfactualVATrainingLib import loop
 
@@ -120,7 +120,7 @@ def test_choices_match_the_command_line_and_the_registry():
 
 
 def test_command_parses_with_the_real_command_line_and_the_child_environment():
-    from CounterfactualVALib.cli import _key_values, build_parser
+    from CounterfactualVACLI.cli import _key_values, build_parser
 
     logic = CounterfactualVATrainingLogic()
     config = {"ngf": 8, "name": "a b", "flag": True, "scales": [1, 2]}
@@ -129,7 +129,7 @@ def test_command_parses_with_the_real_command_line_and_the_child_environment():
         device="cpu", config=config, resume=True, crop="image", intensity="minmax", logEvery=1, valEvery=5, checkpointEvery=5,
     )
     assert command[0] == sys.executable
-    assert command[1:4] == ["-m", "CounterfactualVALib.cli", "train"]
+    assert command[1:4] == ["-m", "CounterfactualVACLI", "train"]
     assert command[-1] == "--progress"
     args = build_parser().parse_args(command[3:])
     assert (args.method, args.data, args.out, args.steps, args.batch_size) == ("vagan", "/d/cohort.csv", "/runs/r", 7, 2)
@@ -146,7 +146,7 @@ def test_command_parses_with_the_real_command_line_and_the_child_environment():
     assert env["CUDA_VISIBLE_DEVICES"] == "-1" and env["PYTHONUNBUFFERED"] == "1"
     assert logic.childEnvironment("auto").get("CUDA_VISIBLE_DEVICES") == os.environ.get("CUDA_VISIBLE_DEVICES")
     check = subprocess.run(
-        [sys.executable, "-c", "import CounterfactualVALib.cli, CounterfactualVATrainingLib; print('ok')"],
+        [sys.executable, "-c", "import CounterfactualVACLI.cli, CounterfactualVATrainingLib; print('ok')"],
         env=env, cwd="/", capture_output=True, text=True, timeout=60,
     )
     assert check.stdout.strip() == "ok", check.stderr

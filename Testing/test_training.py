@@ -79,7 +79,7 @@ def test_one_class_cohort_is_refused(tmp_path, synthetic_2d):
 def test_sigterm_stops_cleanly_with_a_checkpoint_and_resume_finishes(synthetic_2d, tmp_path):
     out = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "CounterfactualVALib.cli", "train", "--method", "vantgan", "--data", str(synthetic_2d), "--out", str(out),
+        sys.executable, "-m", "CounterfactualVACLI", "train", "--method", "vantgan", "--data", str(synthetic_2d), "--out", str(out),
         "--steps", "400", "--spatial-dims", "2", "--size", "32", "32", "--spacing", "1", "1", "--crop", "image", "--intensity", "minmax",
         "--config", "ngf=8", "--config", "n_blocks=2", "--config", "ndf=8", "--checkpoint-every", "1000", "--val-every", "1000", "--progress",
     ]

@@ -31,7 +31,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     work = Path(args.work)
-    cli = [sys.executable, "-m", "CounterfactualVALib.cli"]
+    cli = [sys.executable, "-m", "CounterfactualVACLI"]
     cohort = work / "cohort"
     if not (cohort / "cohort.csv").exists():
         subprocess.run(cli + ["generate", "phantom", "--out", str(cohort), "--n", str(args.subjects), "--spacing", "4", "--seed", str(args.seed)], check=True)

@@ -1,6 +1,6 @@
 """`counterfactualva` command line: attribute, train, generate, evaluate, protocol, info.
 
-The Slicer module runs `python -m CounterfactualVALib.cli attribute ... --progress` in a subprocess and
+The Slicer module runs `python -m CounterfactualVACLI attribute ... --progress` in a subprocess and
 reads `PROGRESS <fraction> <stage>` lines from stdout; a failure ends with exit code 2 (bad input) or 1
 (unexpected) and a last stderr line `ERROR: <what is wrong and what to do>`.
 """
@@ -39,7 +39,7 @@ def _key_values(pairs: list[str] | None) -> dict:
 
 
 def cmd_attribute(args) -> int:
-    from .inference import run_attribution
+    from CounterfactualVALib.inference import run_attribution
 
     summary = run_attribution(
         args.model,
@@ -106,11 +106,11 @@ def cmd_train(args) -> int:
 
 def cmd_generate(args) -> int:
     if args.kind == "synthetic":
-        from .data.synthetic import generate_synthetic
+        from CounterfactualVAResearch.data.synthetic import generate_synthetic
 
         csv_path = generate_synthetic(args.out, n=args.n, size=args.size, spatial_dims=args.spatial_dims, seed=args.seed, shape=args.shape)
     else:
-        from .data.phantom import generate_phantom_cohort
+        from CounterfactualVAResearch.data.phantom import generate_phantom_cohort
 
         csv_path = generate_phantom_cohort(
             args.out, n_subjects=args.n, spacing_mm=args.spacing, effect_size=args.effect_size, seed=args.seed, oblique_degrees=args.oblique_degrees
@@ -120,7 +120,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import evaluate, format_table, write_results
+    from CounterfactualVAResearch.evaluation import evaluate, format_table, write_results
 
     results = [
         evaluate(model, args.data, split=args.split, judge_model=args.judge, device=args.device, limit=args.limit, options=_key_values(args.option))
@@ -133,14 +133,14 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_protocol(args) -> int:
-    from .protocol import run_protocol
+    from CounterfactualVAResearch.protocol import run_protocol
 
     run_protocol(args.config, out=args.out, device=args.device)
     return 0
 
 
 def cmd_info(args) -> int:
-    from .checkpoint import read_metadata
+    from CounterfactualVALib.checkpoint import read_metadata
 
     print(json.dumps(read_metadata(args.model).to_dict(), indent=2))
     return 0
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .imageio import InputError
+    from CounterfactualVALib.imageio import InputError
 
     args = build_parser().parse_args(argv)
     try:

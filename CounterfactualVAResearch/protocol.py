@@ -35,8 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_path
-from .checkpoint import read_metadata, save_model
+from CounterfactualVALib.atomic import atomic_path
+from CounterfactualVALib.checkpoint import read_metadata, save_model
+from CounterfactualVALib.inference import load_method, select_device
+from CounterfactualVALib.methods import create_method
+from CounterfactualVALib.preprocessing import PreprocessingConfig
+
 from .evaluation import (
     evaluate,
     evaluate_constant,
@@ -48,9 +52,6 @@ from .evaluation import (
     perturbation_drop,
     write_results,
 )
-from .inference import load_method, select_device
-from .methods import create_method
-from .preprocessing import PreprocessingConfig
 
 SECTIONS = {"name", "scale", "description", "data", "preprocessing", "training", "models", "judge", "rows", "medxgan", "targets", "examples", "evaluate"}
 

@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.cohort import read_cohort_csv
-from .inference import load_method, select_device
-from .metrics import map_scores
-from .preprocessing import PreprocessingConfig, head_mask_on_grid
-from .transforms import LoadPreprocessd
+from CounterfactualVALib.inference import load_method, select_device
+from CounterfactualVALib.metrics import map_scores
+from CounterfactualVALib.preprocessing import PreprocessingConfig, head_mask_on_grid
+from CounterfactualVALib.transforms import LoadPreprocessd
+from CounterfactualVATrainingLib.cohort import read_cohort_csv
 
 FRACTIONS = tuple(np.round(np.arange(0.05, 1.0, 0.05), 2))
 #: |attribution| above this fraction of the map's maximum counts as "attributed" (LIG/IG ratio)
@@ -104,7 +104,7 @@ def summarize_scores(maps, items, val_maps=None, val_items=None) -> dict:
 # --- classifier-based checks --------------------------------------------------------------------
 def load_judge(judge_model, device):
     """The independent classifier network (eval mode, frozen) of a classifier model file."""
-    from .methods.classifier import ClassifierBaseline
+    from CounterfactualVALib.methods.classifier import ClassifierBaseline
 
     return ClassifierBaseline.load_classifier(judge_model, device)
 
@@ -204,7 +204,7 @@ def attributed_fraction(amap: np.ndarray, tolerance: float = ATTRIBUTED_TOLERANC
 
 def lig_ig_ratio(method, inputs, inversion_steps: int = 500, ig_steps: int = 50, tolerance: float = ATTRIBUTED_TOLERANCE) -> dict:
     """medXGAN 4.2: attributed voxels of latent IG over those of pixel IG (Captum) on the same classifier."""
-    from .methods.classifier import integrated_gradients
+    from CounterfactualVALib.methods.classifier import integrated_gradients
 
     x = torch.cat(inputs)
     method.generator.eval()
