@@ -44,7 +44,7 @@ if MODULE_DIR not in sys.path:  # CounterfactualVALib lives next to this file
 
 from CounterfactualVALib import slicer_nodes  # noqa: E402
 
-from CounterfactualVALib.slicer_module_support import (  # noqa: E402  (stand-ins under slicer-core)
+from CounterfactualVALib.slicer_support.framework import (  # noqa: E402  (stand-ins under slicer-core)
     HAVE_SLICER_APP,
     Choice,
     ParameterNodeWidgetMixin,

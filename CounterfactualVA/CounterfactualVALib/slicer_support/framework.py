@@ -1,5 +1,7 @@
 """What the scripted modules take from the Slicer application, with stand-ins where it is absent.
 
+(Part of the shared Slicer support layer, see ``slicer_support/__init__.py``.)
+
 PyPI's slicer-core has the MRML scene but no application: no ScriptedLoadableModule framework, no Qt, no
 parameter-node wrapper. Both module files import these names from here, so that their logic classes (which
 need none of it) import and run under slicer-core in the tests, and the panels run in the application.
@@ -77,6 +79,91 @@ try:
     import qt
 except ImportError:
     qt = None
+
+
+# --- GUI connectors Slicer's parameterNodeWrapper lacks (application only) -----------------------------------
+#
+# Slicer's own connectors would bind our text fields badly (Base/Python/slicer/parameterNodeWrapper/
+# guiConnectors.py, v5.10.0 and v5.12.0):
+# - ctkPathLineEditToPathConnector binds only pathlib types and reads ``Path(currentPath)``: an empty field
+#   becomes Path("") and is written back as "." (and ctkPathLineEdit's history pre-selection, which only
+#   happens for an empty path, never happens);
+# - QTextEditPlainTextToStrConnector.write calls setPlainText without comparing, and the wrapper writes every
+#   connector back after each change it reads (wrapper.py _makeGuiToParamCallback -> NodeModify ->
+#   _updateGUIFromParameterNode), so the cursor jumps to the start on every keystroke.
+# So path parameters are ``str`` bound to ctkPathLineEdit, and multi-line text is ``str`` bound to a
+# QPlainTextEdit, through these two connectors, which write only when the value differs (as Slicer's
+# QLineEditToStrConnector does).
+
+if parameterNodeWrapper is not None:
+    from slicer.parameterNodeWrapper.guiConnectors import GuiConnector, parameterNodeGuiConnector
+    from slicer.parameterNodeWrapper.util import unannotatedType
+
+    import ctk
+
+    @parameterNodeGuiConnector
+    class PathLineEditToStrConnector(GuiConnector):
+        """ctkPathLineEdit <-> str ("" when empty)."""
+
+        @staticmethod
+        def canRepresent(widget, datatype) -> bool:
+            return type(widget) == ctk.ctkPathLineEdit and unannotatedType(datatype) == str
+
+        @staticmethod
+        def create(widget, datatype):
+            return PathLineEditToStrConnector(widget) if PathLineEditToStrConnector.canRepresent(widget, datatype) else None
+
+        def __init__(self, widget):
+            super().__init__()
+            self._widget = widget
+
+        def _connect(self):
+            self._widget.currentPathChanged.connect(self.changed)
+
+        def _disconnect(self):
+            self._widget.currentPathChanged.disconnect(self.changed)
+
+        def widget(self):
+            return self._widget
+
+        def read(self) -> str:
+            return self._widget.currentPath
+
+        def write(self, value: str) -> None:
+            if value != self._widget.currentPath:
+                self._widget.currentPath = value
+
+    @parameterNodeGuiConnector
+    class PlainTextEditToStrConnector(GuiConnector):
+        """QPlainTextEdit <-> str, written only when it differs (the cursor stays where the user types)."""
+
+        @staticmethod
+        def canRepresent(widget, datatype) -> bool:
+            return type(widget) == qt.QPlainTextEdit and unannotatedType(datatype) == str
+
+        @staticmethod
+        def create(widget, datatype):
+            return PlainTextEditToStrConnector(widget) if PlainTextEditToStrConnector.canRepresent(widget, datatype) else None
+
+        def __init__(self, widget):
+            super().__init__()
+            self._widget = widget
+
+        def _connect(self):
+            self._widget.textChanged.connect(self.changed)
+
+        def _disconnect(self):
+            self._widget.textChanged.disconnect(self.changed)
+
+        def widget(self):
+            return self._widget
+
+        def read(self) -> str:
+            return self._widget.toPlainText()
+
+        def write(self, value: str) -> None:
+            if value != self._widget.toPlainText():
+                self._widget.setPlainText(value)
 
 
 # --- the panels' parameter-node lifecycle (shared by CounterfactualVA and CounterfactualVATraining) ---------
