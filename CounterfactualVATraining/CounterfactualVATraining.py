@@ -59,7 +59,7 @@ def _addLibraryPaths():
 
 _addLibraryPaths()
 
-from CounterfactualVALib.slicer_module_support import (  # noqa: E402  (stand-ins under slicer-core)
+from CounterfactualVALib.slicer_support.framework import (  # noqa: E402  (stand-ins under slicer-core)
     HAVE_SLICER_APP,
     Choice,
     ParameterNodeWidgetMixin,
