@@ -79,6 +79,7 @@ def cmd_train(args) -> int:
         method_config=_key_values(args.config),
         steps=args.steps,
         batch_size=args.batch_size,
+        patch_size=args.patch_size,
         val_every=args.val_every,
         checkpoint_every=args.checkpoint_every,
         log_every=args.log_every,
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.csv, tensorboard/, model.safetensors")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--patch-size", type=int, nargs="+", default=None,
+                   help="train on patches of this size (x y [z]) cropped at one position in both classes; "
+                        "fully convolutional methods only (e.g. vantgan with --config generator=unet)")
     p.add_argument("--spatial-dims", type=int, default=3, choices=[2, 3])
     p.add_argument("--size", type=int, nargs="+", default=[64, 64, 64], help="model grid size (x y [z])")
     p.add_argument("--spacing", type=float, nargs="+", default=[3.0, 3.0, 3.0], help="model grid spacing in mm")

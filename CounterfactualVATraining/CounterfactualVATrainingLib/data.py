@@ -80,23 +80,48 @@ def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
 
 
 class UnpairedSampler:
-    """Draws `batch_size` normal and `batch_size` abnormal images, independently (unpaired), per step."""
+    """Draws `batch_size` normal and `batch_size` abnormal images, independently (unpaired), per step.
 
-    def __init__(self, cohort: CohortTensors, batch_size: int):
+    With `patch_size` (numpy order, e.g. (z, y, x)) each pair is cropped to one patch at the same random
+    position in both images: on images on a common grid the discriminator then compares like with like
+    anatomy, and a step costs the patch's voxels instead of the volume's.
+    """
+
+    def __init__(self, cohort: CohortTensors, batch_size: int, patch_size: tuple[int, ...] | None = None):
         self.cohort = cohort
         self.batch_size = batch_size
         self.normal = cohort.of_class(0)
         self.abnormal = cohort.of_class(1)
+        spatial = tuple(cohort.images.shape[2:])
+        if patch_size is not None:
+            patch_size = tuple(int(p) for p in patch_size)
+            if len(patch_size) != len(spatial) or any(not 0 < p <= s for p, s in zip(patch_size, spatial)):
+                raise ValueError(
+                    f"--patch-size {tuple(reversed(patch_size))} does not fit the model grid {tuple(reversed(spatial))}: "
+                    "give one positive size per axis, at most the grid's."
+                )
+            if patch_size == spatial:
+                patch_size = None
+        self.patch_size = patch_size
+
+    def _crop(self, tensors: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+        spatial = tensors[0].shape[2:]
+        out = [[] for _ in tensors]
+        for i in range(tensors[0].shape[0]):
+            corner = [int(torch.randint(s - p + 1, (), generator=generator)) for s, p in zip(spatial, self.patch_size)]
+            window = (slice(i, i + 1), slice(None)) + tuple(slice(c, c + p) for c, p in zip(corner, self.patch_size))
+            for j, t in enumerate(tensors):
+                out[j].append(t[window])
+        return [torch.cat(parts, 0) for parts in out]
 
     def batch(self, generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
         pick_n = self.normal[torch.randint(len(self.normal), (self.batch_size,), generator=generator)]
         pick_a = self.abnormal[torch.randint(len(self.abnormal), (self.batch_size,), generator=generator)]
-        images = self.cohort.images
-        return {
-            "normal": images[pick_n].to(device, non_blocking=True),
-            "abnormal": images[pick_a].to(device, non_blocking=True),
-            "abnormal_mask": self.cohort.masks[pick_a].to(device, non_blocking=True),
-        }
+        tensors = [self.cohort.images[pick_n], self.cohort.images[pick_a], self.cohort.masks[pick_a]]
+        if self.patch_size is not None:
+            tensors = self._crop(tensors, generator)
+        normal, abnormal, mask = (t.to(device, non_blocking=True) for t in tensors)
+        return {"normal": normal, "abnormal": abnormal, "abnormal_mask": mask}
 
 
 def describe(cohort: CohortTensors, csv_path: str | Path) -> str:

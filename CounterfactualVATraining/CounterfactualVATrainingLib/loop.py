@@ -46,6 +46,9 @@ class TrainingConfig:
     method_config: dict = field(default_factory=dict)
     steps: int = 1000
     batch_size: int | None = None
+    #: train on patches of this size (x, y[, z], like the grid size) cropped at the same position in both
+    #: domains; None trains on whole volumes. Only for methods whose networks are fully convolutional.
+    patch_size: list | None = None
     val_every: int = 100
     checkpoint_every: int = 100
     log_every: int = 10
@@ -116,7 +119,15 @@ class Trainer:
         self.train_data = cache_split(splits["train"], self.preprocessing, self.config.num_workers)
         val_records = splits["val"][: self.config.max_val_subjects * 2]
         self.val_data = cache_split(val_records, self.preprocessing, self.config.num_workers)
-        self.sampler = UnpairedSampler(self.train_data, self.batch_size)
+        patch = None
+        if self.config.patch_size:
+            if not getattr(self.method, "supports_patches", False):
+                raise ValueError(
+                    f"--patch-size: {self.config.method} cannot train on patches (its networks see the whole image); "
+                    "leave --patch-size out."
+                )
+            patch = tuple(reversed(self.config.patch_size))
+        self.sampler = UnpairedSampler(self.train_data, self.batch_size, patch)
         self.data_summary = describe(self.train_data, self.config.data)
 
     def _batch(self, generator: torch.Generator) -> dict[str, torch.Tensor]:

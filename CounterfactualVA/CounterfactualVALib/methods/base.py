@@ -105,6 +105,9 @@ class Method:
     #: training defaults the loop uses unless overridden (steps, batch size, ...)
     training_defaults: dict[str, Any] = {}
     map_description: str = "counterfactual minus input"
+    #: whether training on patches (cropped at one position in both domains) is meaningful: every network
+    #: fully convolutional and free of image-wide statistics, so the whole volume can be processed at inference
+    supports_patches: bool = False
     #: which class the batch must provide for training: "unpaired" gives {"normal", "abnormal"} images
     batch_kind: str = "unpaired"
 

@@ -4,6 +4,13 @@ Networks: a normal-producing generator (VANT-GAN: the map generator A2M with x_n
 ANT-GAN: A2N), N2A, and PatchGAN discriminators D_N and D_A. Objective (CycleGAN reference): LSGAN,
 cycle L1 weight 10 per direction, identity 0.5 x cycle, discriminator loss halved, image pools of 50,
 Adam 2e-4 (beta1 0.5) constant then linearly to zero over the second half, N(0, 0.02) init.
+
+`generator="unet"` swaps the papers' ResNet generators for light U-Nets built from MONAI blocks
+(:class:`~CounterfactualVALib.networks.vagan_networks.MapUNet`) that predict a *change*: the map generator
+outputs the map, image generators output ``x + change``. Their last layer starts near zero, so training
+starts at the identity (cycle and identity losses at their minimum, the map at zero) and the discriminators
+decide what changes. Without normalisation layers they behave the same on a training patch and on the whole
+volume, which patch training (`--patch-size`) needs. See docs/design.md ("3D on a CPU budget").
 """
 
 from __future__ import annotations
@@ -11,8 +18,26 @@ from __future__ import annotations
 import torch
 from monai.losses import PatchAdversarialLoss
 
+from torch import nn
+
 from ..networks import ImagePool, PatchGANDiscriminator, ResNetGenerator, init_normal_weights, linear_decay_schedule
+from ..networks.vagan_networks import MapUNet
 from .base import AttributionResult, Method, TrainingContext
+
+
+class ChangeGenerator(nn.Module):
+    """A U-Net that predicts a bounded change: the map itself (``"map"``) or ``x + map`` (``"image"``).
+
+    The map is ``2 * tanh`` of the U-Net's output, so it can move any voxel in [-1, 1] to any other."""
+
+    def __init__(self, spatial_dims: int, channels, role: str):
+        super().__init__()
+        self.unet = MapUNet(spatial_dims, 1, 1, channels=tuple(channels), norm=None, head_init_std=1e-3)
+        self.role = role
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        change = 2.0 * torch.tanh(self.unet(x))
+        return change if self.role == "map" else x + change
 
 
 class CycleTranslationMethod(Method):
@@ -31,13 +56,26 @@ class CycleTranslationMethod(Method):
         "identity_fraction": 0.5,
         "pool_size": 50,
         "decay_start_fraction": 0.5,
+        # "resnet": the papers' generators; "unet": light change-predicting U-Nets (CPU budgets, patch training)
+        "generator": "resnet",
+        "unet_channels": [8, 16, 32, 64],
     }
     training_defaults = {"batch_size": 1}
+
+    @property
+    def supports_patches(self) -> bool:
+        # the papers' ResNet generators use instance norm, whose statistics differ between a patch and a volume
+        return self.config["generator"] == "unet"
 
     def build_networks(self, training: bool):
         c, dims = self.config, self.spatial_dims
 
+        if c["generator"] not in ("resnet", "unet"):
+            raise ValueError(f"{self.name}: generator must be 'resnet' or 'unet', got {c['generator']!r}")
+
         def generator(activation):
+            if c["generator"] == "unet":
+                return ChangeGenerator(dims, c["unet_channels"], "map" if activation == "tanh2" else "image")
             return init_normal_weights(
                 ResNetGenerator(dims, 1, 1, c["ngf"], c["n_downsampling"], c["n_blocks"], output_activation=activation)
             )
@@ -90,7 +128,9 @@ class CycleTranslationMethod(Method):
                 nets["d_a"](fake_a), target_is_real=True, for_discriminator=False
             )
             loss_cycle = (rec_a - x_a).abs().mean() + (rec_n - x_n).abs().mean()
-            loss_identity = (self.to_normal(x_n) - x_n).abs().mean() + (nets["n2a"](x_a) - x_a).abs().mean()
+            loss_identity = x_a.new_zeros(())
+            if lam_id > 0:  # two generator passes saved when the identity term is off
+                loss_identity = (self.to_normal(x_n) - x_n).abs().mean() + (nets["n2a"](x_a) - x_a).abs().mean()
             loss_g = loss_gan + lam_cyc * loss_cycle + lam_id * loss_identity
         ctx.optimize("generators", loss_g)
 
