@@ -1,49 +1,40 @@
 """CounterfactualVA: counterfactual visual attribution of brain MRI in 3D Slicer.
 
-The module runs the library's own command line (``python -m CounterfactualVACLI attribute ...``) in a
-separate process, the way SlicerMONAIAuto3DSeg runs its inference: the input volume is written as NRRD to a
-temporary folder, the process reports ``PROGRESS <fraction> <stage>`` lines that a timer polls so the GUI
-stays live, Cancel kills it, and on success the output files are loaded into NEW nodes on the input's exact
-voxel grid. GPU memory is released when the process ends, and the command Slicer runs is the very command
-that is tested from the shell.
+The module runs the library's own command line (``python -m CounterfactualVACLI attribute ... --progress``)
+in a child process, the way SlicerMONAIAuto3DSeg runs its inference: the input volume is written as NRRD to
+a temporary folder, a timer polls the child's ``PROGRESS`` lines so the GUI stays live, Cancel kills its
+process group, and on success the output files are loaded into NEW nodes on the input's exact voxel grid.
+The child owns the GPU; the GUI process never imports torch. What both modules share (process runner,
+requirements from ``Resources/requirements.txt``, settings, the options form) is ``CounterfactualVALib.slicer_support``.
 
 Console use (works in Slicer's Python console and with the ``slicer-core`` wheel, no Qt needed)::
 
     from CounterfactualVA import CounterfactualVALogic
     result = CounterfactualVALogic().run(volumeNode, "/path/model.safetensors", device="auto")
     result.attribution, result.mask, result.counterfactual, result.summary["scalars"]
-
-Only this file and ``CounterfactualVALib/slicer_nodes.py`` touch MRML; everything else in the library is
-plain Python on torch/MONAI/SimpleITK.
 """
 
 import importlib
-import importlib.util
 import json
-import logging
 import os
-import pathlib
-import queue
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
 from typing import Annotated, Callable
 
 import slicer
 import vtk
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
-if MODULE_DIR not in sys.path:  # CounterfactualVALib lives next to this file
+if MODULE_DIR not in sys.path:  # CounterfactualVALib and CounterfactualVACLI live next to this file
     sys.path.insert(0, MODULE_DIR)
 
 from CounterfactualVALib import slicer_nodes  # noqa: E402
-
+from CounterfactualVALib.slicer_support import process as processes  # noqa: E402
+from CounterfactualVALib.slicer_support import attribution, results, sample_data, settings, testing  # noqa: E402
+from CounterfactualVALib.slicer_support.device_probe import DeviceProbe  # noqa: E402
 from CounterfactualVALib.slicer_support.framework import (  # noqa: E402  (stand-ins under slicer-core)
     HAVE_SLICER_APP,
     Choice,
@@ -59,67 +50,40 @@ from CounterfactualVALib.slicer_support.framework import (  # noqa: E402  (stand
     qt,
     translate,
 )
+from CounterfactualVALib.slicer_support.model_file import describe_model, read_model_metadata  # noqa: E402
+from CounterfactualVALib.slicer_support.option_form import OptionForm, option_specs_for_model_file  # noqa: E402
+from CounterfactualVALib.slicer_support.requirements import DependencyHandler, describe_missing, missing_requirements  # noqa: E402
+from CounterfactualVALib.slicer_support.results import CounterfactualVAResult  # noqa: E402,F401  (part of the console API)
 
-DEVICES = ("auto", "cpu", "cuda")
-#: must match `counterfactualva attribute --threshold-rule` (checked by Testing/test_slicer_logic.py)
-THRESHOLD_RULES = ("paper", "max-fraction", "percentile", "absolute")
+DEVICES = attribution.DEVICES
+THRESHOLD_RULES = attribution.THRESHOLD_RULES
 #: colour maps of the signed attribution overlay (white at zero; the first is the default)
-PALETTES = tuple(slicer_nodes.DIVERGING_PALETTES)
-#: what the attribution process imports (checked before launching, installed on request in Slicer)
-REQUIRED_PACKAGES = {
-    "torch": None,  # from Slicer's PyTorch extension
-    "monai": "monai>=1.6,<1.7",
-    "safetensors": "safetensors>=0.4",
-    "SimpleITK": "SimpleITK>=2.3",
-    "numpy": "numpy>=1.24",
-    "scipy": "scipy>=1.10",
-    "matplotlib": "matplotlib>=3.7",
-}
-MINIMUM_TORCH_VERSION = "2.8"
-#: the shipped demonstration sample (a phantom scan and a model trained on phantoms), see samples/README.md
-SAMPLE_SCAN = "phantom_atrophy.nii.gz"
-SAMPLE_MODEL = "vantgan_phantom3d.safetensors"
-SAMPLE_CATEGORY = "CounterfactualVA"
+PALETTES = results.PALETTES
+SAMPLE_SCAN, SAMPLE_MODEL = sample_data.SAMPLE_SCAN, sample_data.SAMPLE_MODEL
+CounterfactualVAProcess = attribution.AttributionProcess
+DOCUMENTATION_URL = "https://github.com/CounterfactualVA/SlicerCounterfactualVA#use-from-slicer"
+makeScene = testing.make_scene  # a scene set up like the application's, for slicer-core
 
 
 def sampleDirectories(moduleDir: str | None = None) -> list:
-    """Where the shipped sample files are looked for, in order: the installed module's Resources/Samples
-    (CMake installs them there), then the source tree's samples/ folder (running from a checkout)."""
-    moduleDir = moduleDir or MODULE_DIR
-    return [os.path.join(moduleDir, "Resources", "Samples"), os.path.join(os.path.dirname(moduleDir), "samples")]
+    return sample_data.sample_directories(moduleDir or MODULE_DIR)
 
 
 def sampleFilePath(fileName: str, moduleDir: str | None = None) -> str | None:
-    """Absolute path of a shipped sample file (first folder of :func:`sampleDirectories` that has it), or None."""
-    for folder in sampleDirectories(moduleDir):
-        path = os.path.join(folder, fileName)
-        if os.path.isfile(path):
-            return os.path.abspath(path)
-    return None
+    return sample_data.sample_file_path(fileName, moduleDir or MODULE_DIR)
 
 
 def registerSampleData() -> bool:
     """Add the shipped phantom to Slicer's Sample Data module (category 'CounterfactualVA'); True when done.
-
-    Needs the Slicer application and its SampleData module; does nothing (False) elsewhere or when the
-    sample files are not found. The model is not a scene node: the panel offers it as the default model."""
-    scan = sampleFilePath(SAMPLE_SCAN)
-    if scan is None:
+    The model is not a scene node: the panel offers it as the default model."""
+    source = sample_data.sample_data_source(MODULE_DIR)
+    if source is None:
         return False
     try:
         import SampleData
     except ImportError:
         return False
-    icon = os.path.join(MODULE_DIR, "Resources", "Icons", "CounterfactualVA.png")
-    SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category=SAMPLE_CATEGORY,
-        sampleName="CounterfactualVAPhantomAtrophy",
-        uris=pathlib.Path(scan).as_uri(),
-        fileNames=SAMPLE_SCAN,
-        nodeNames="phantom_atrophy",
-        thumbnailFileName=icon if os.path.isfile(icon) else None,
-        loadFileType="VolumeFile",
-    )
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(**source)
     return True
 
 
@@ -138,13 +102,12 @@ class CounterfactualVA(ScriptedLoadableModule):
         self.parent.helpText = _(
             """
 Explains a brain MRI by its <b>counterfactual</b>: the healthy-looking counterpart a trained model produces,
-and the signed map of where and how it differs from the scan (counterfactual minus input, unless the method
-documents another convention). Outputs are new nodes: the counterfactual, the signed attribution map
-(diverging colours centred on zero, shown over the scan), a thresholded mask (labelmap, optionally a
-segmentation) and method-specific maps. Inference runs in a separate process (GPU when available) that
-can be cancelled. Console: <code>CounterfactualVALogic().run(volumeNode, modelPath)</code>.
+and the signed map of where and how it differs from the scan. Outputs are new nodes: the counterfactual, the
+signed attribution map (shown over the scan), a thresholded mask and method-specific maps. Inference runs in
+a separate process (GPU when available) that can be cancelled.
+See more information in <a href="{url}">the module documentation</a>.
 """
-        )
+        ).format(url=DOCUMENTATION_URL)
         self.parent.acknowledgementText = _(
             """
 Methods: VANT-GAN, ANT-GAN, VA-GAN, ICAM, medXGAN, attention-guided CycleGAN and classifier baselines,
@@ -152,18 +115,15 @@ built on MONAI and PyTorch. The subprocess design follows SlicerMONAIAuto3DSeg.
 """
         )
         if HAVE_SLICER_APP and hasattr(slicer, "app"):
-            # After startup, when the SampleData module is loaded (as extensions templates do).
-            try:
-                slicer.app.connect("startupCompleted()", _registerSampleDataSafely)
-            except Exception as exc:  # never let sample registration break the module
-                logging.warning("CounterfactualVA: could not schedule the sample data registration: %s", exc)
+            # After startup, when the SampleData module is loaded (as Slicer's module template does).
+            slicer.app.connect("startupCompleted()", _registerSampleDataSafely)
 
 
 def _registerSampleDataSafely():
     try:
         registerSampleData()
-    except Exception as exc:
-        logging.warning("CounterfactualVA: could not register the sample data: %s", exc)
+    except Exception as exc:  # never let sample registration break the module
+        print(f"CounterfactualVA: could not register the sample data: {exc}")
 
 
 #
@@ -176,11 +136,13 @@ if parameterNodeWrapper is not None:
     class CounterfactualVAParameterNode:
         """The panel's settings, saved with the scene.
 
+        modelPath: text, "" when none (bound through slicer_support.framework's path connector).
         thresholdValue: 0 means the threshold rule's own default (e.g. half of the map's maximum for 'paper').
+        methodOptionValues: the options form's changed values per method, JSON (slicer_support.option_form).
         """
 
         inputVolume: slicer.vtkMRMLScalarVolumeNode
-        modelPath: pathlib.Path = pathlib.Path("")
+        modelPath: str = ""
         device: Annotated[str, Choice(list(DEVICES))] = "auto"
         thresholdRule: Annotated[str, Choice(list(THRESHOLD_RULES))] = "paper"
         thresholdValue: Annotated[float, WithinRange(0.0, 1e6)] = 0.0
@@ -188,9 +150,12 @@ if parameterNodeWrapper is not None:
         createSegmentation: bool = False
         transparentBelowThreshold: bool = True
         colorMap: Annotated[str, Choice(list(PALETTES))] = slicer_nodes.DEFAULT_PALETTE
+        methodOptionValues: str = ""
 
 else:
     CounterfactualVAParameterNode = None
+#: parameters the widget keeps itself (no .ui widget is bound to them)
+UNBOUND_PARAMETERS = ("methodOptionValues",)
 
 
 #
@@ -202,6 +167,8 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
     """Thin panel: binds the .ui to the parameter node and drives CounterfactualVALogic."""
 
     POLL_INTERVAL_MS = 200
+    #: the Qt editor class of each OptionSpec type
+    OPTION_EDITORS = {"int": "QSpinBox", "float": "QDoubleSpinBox", "bool": "QCheckBox", "choice": "QComboBox", "str": "QLineEdit"}
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -212,7 +179,9 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
         self._process = None
         self._result = None
         self._timer = None
+        self._deviceProbe = None
         self._lastStage = None
+        self._optionForm = OptionForm(None, [])
         self._optionRows = []  # (spec, label, editor) of the method options form
 
     def setup(self):
@@ -222,16 +191,22 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self._updateModelInfo)
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self._onOpacityChanged)
+        self.ui.colorMapComboBox.connect("currentIndexChanged(int)", self._onPaletteChanged)
         self.ui.showAdvancedOptionsCheckBox.connect("toggled(bool)", self._showAdvancedOptions)
         self.ui.resetOptionsButton.connect("clicked(bool)", self._resetMethodOptions)
         self.ui.progressBar.hide()
-        self.ui.deviceInfoLabel.text = self.logic.deviceDescription()
+        # The device line is asked of the child's Python (torch is never imported here); the timer reads it.
+        self._deviceProbe = self.logic.deviceProbe()
+        self.ui.deviceInfoLabel.text = self._deviceProbe.poll() or _("Detecting the compute device...")
+        self._timer.start()
 
         self.initializeParameterNode()
         self._updateModelInfo()
 
     def cleanup(self):
         self._cancelProcess()
+        if self._deviceProbe is not None:
+            self._deviceProbe.cancel()
         self.removeObservers()
 
     def onReload(self):
@@ -239,8 +214,7 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
         process always starts with fresh code)."""
         self._cancelProcess()
         for name in sorted(n for n in list(sys.modules) if n.startswith("CounterfactualVALib.")):
-            if name in ("CounterfactualVALib.slicer_nodes", "CounterfactualVALib.checkpoint", "CounterfactualVALib.imageio"):
-                importlib.reload(sys.modules[name])
+            importlib.reload(sys.modules[name])
         ScriptedLoadableModuleWidget.onReload(self)
 
     # enter/exit/scene close/parameter node: ParameterNodeWidgetMixin; these are its hooks
@@ -253,12 +227,8 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
             firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolumeNode and not firstVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
                 parameterNode.inputVolume = firstVolumeNode
-        if str(parameterNode.modelPath) in ("", "."):
-            lastModel = qt.QSettings().value("CounterfactualVA/lastModelPath", "")
-            if not (lastModel and os.path.isfile(lastModel)):
-                lastModel = sampleFilePath(SAMPLE_MODEL)  # the shipped demonstration model (for the sample scan)
-            if lastModel and os.path.isfile(lastModel):
-                parameterNode.modelPath = pathlib.Path(lastModel)
+        if not settings.path_text(parameterNode.modelPath):
+            parameterNode.modelPath = settings.default_model(qt.QSettings(), fallback=sampleFilePath(SAMPLE_MODEL))
 
     def refreshFromParameterNode(self):
         self._checkCanApply()
@@ -271,16 +241,16 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
             return
         self.ui.applyButton.text = _("Apply")
         p = self._parameterNode
-        ready = bool(p and p.inputVolume and str(p.modelPath) not in ("", "."))
+        ready = bool(p and p.inputVolume and settings.path_text(p.modelPath))
         self.ui.applyButton.enabled = ready
         self.ui.applyButton.toolTip = _("Compute the counterfactual and attribution map") if ready else _("Select an input volume and a model file")
 
     def _updateModelInfo(self, path=None):
-        path = self.ui.modelPathLineEdit.currentPath if path is None else path
+        path = settings.path_text(self.ui.modelPathLineEdit.currentPath if path is None else path)
         self.ui.modelInfoLabel.text = self.logic.modelInfo(path) if path else _("Select a model file (.safetensors).")
         self._rebuildMethodOptions(path)
 
-    # -- method options: one form row per option of the model's method (CounterfactualVALib.method_options) --
+    # -- method options: one form row per option of the model's method (values: slicer_support.option_form) --
     def _rebuildMethodOptions(self, path):
         layout = self.ui.methodOptionsFormWidget.layout()
         for _spec, label, editor in self._optionRows:
@@ -289,42 +259,40 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
             label.deleteLater()
             editor.deleteLater()
         self._optionRows = []
+        saved = self._parameterNode.methodOptionValues if self._parameterNode else ""
         try:
-            haveModel = bool(path) and os.path.isfile(path)
-            specs = self.logic.methodOptionSpecs(path) if haveModel else []
-            message = _("This model's method has no options.") if haveModel else _("Select a model file to see its method's options.")
-        except Exception as exc:  # noqa: BLE001  (unreadable model, packages not installed yet: say so, no rows)
-            specs, message = [], _("Options not available: {error}").format(error=exc)
+            method = read_model_metadata(path)["method"] if path else None
+            self._optionForm = OptionForm(method, self.logic.methodOptionSpecs(path) if method else [], saved)
+            message = _("This model's method has no options.") if method else _("Select a model file to see its method's options.")
+        except Exception as exc:  # noqa: BLE001  (an unreadable model: say so, no rows)
+            self._optionForm, message = OptionForm(None, [], saved), _("Options not available: {error}").format(error=exc)
         self.ui.methodOptionsLabel.text = message
-        self.ui.methodOptionsLabel.visible = not specs
-        for spec in specs:
+        self.ui.methodOptionsLabel.visible = not self._optionForm.specs
+        for spec in self._optionForm.specs:
             label = qt.QLabel(spec.label + ":")
-            editor = self._optionEditor(spec)
+            editor = self._optionEditor(spec, self._optionForm.values[spec.name])
             label.toolTip = editor.toolTip = spec.tooltip
             layout.addRow(label, editor)
             self._optionRows.append((spec, label, editor))
-        self.ui.showAdvancedOptionsCheckBox.visible = any(spec.advanced for spec in specs)
-        self.ui.resetOptionsButton.visible = bool(specs)
+        self.ui.showAdvancedOptionsCheckBox.visible = bool(self._optionForm.advanced_names)
+        self.ui.resetOptionsButton.visible = bool(self._optionForm.specs)
         self._showAdvancedOptions(self.ui.showAdvancedOptionsCheckBox.checked)
 
-    @staticmethod
-    def _optionEditor(spec):
-        if spec.type == "bool":
-            return qt.QCheckBox()
+    def _optionEditor(self, spec, value):
+        """The Qt editor of one OptionSpec, showing `value`; edits go to the form."""
+        editor = getattr(qt, self.OPTION_EDITORS[spec.type])()
         if spec.type == "choice":
-            editor = qt.QComboBox()
             editor.addItems([str(choice) for choice in spec.choices])
         elif spec.type in ("int", "float"):
-            editor = qt.QSpinBox() if spec.type == "int" else qt.QDoubleSpinBox()
             if spec.type == "float":
                 editor.decimals = spec.decimals if spec.decimals is not None else 4
             if spec.step is not None:
                 editor.singleStep = spec.step
             editor.minimum = spec.minimum if spec.minimum is not None else -(2**31 - 1)
             editor.maximum = spec.maximum if spec.maximum is not None else 2**31 - 1
-        else:
-            editor = qt.QLineEdit()
-        CounterfactualVAWidget._setOptionValue(spec, editor, spec.default)
+        self._setOptionValue(spec, editor, value)
+        signal = {"bool": "toggled(bool)", "choice": "currentTextChanged(QString)", "str": "textChanged(QString)"}.get(spec.type, "valueChanged(double)" if spec.type == "float" else "valueChanged(int)")
+        editor.connect(signal, lambda value, name=spec.name: self._onOptionEdited(name, value))
         return editor
 
     @staticmethod
@@ -338,48 +306,37 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
         else:
             editor.text = str(value)
 
-    @staticmethod
-    def _optionValue(spec, editor):
-        if spec.type == "bool":
-            return editor.checked
-        if spec.type == "choice":
-            return editor.currentText
-        if spec.type in ("int", "float"):
-            return editor.value
-        return editor.text
+    def _onOptionEdited(self, name, value):
+        try:
+            self._optionForm.set(name, value)
+        except ValueError as exc:
+            self._addLog(str(exc))
+            return
+        if self._parameterNode:  # saved with the scene, per method
+            self._parameterNode.methodOptionValues = self._optionForm.saved_text()
 
     def _showAdvancedOptions(self, show):
         for spec, label, editor in self._optionRows:
             label.visible = editor.visible = bool(show) or not spec.advanced
 
     def _resetMethodOptions(self):
+        self._optionForm.reset()
         for spec, _label, editor in self._optionRows:
             self._setOptionValue(spec, editor, spec.default)
-
-    def methodOptions(self) -> dict:
-        """The form's values that differ from the method's defaults (``--option key=value`` of the run)."""
-        from CounterfactualVALib.method_options import collect_options
-
-        specs = [spec for spec, _label, _editor in self._optionRows]
-        return collect_options(specs, {spec.name: self._optionValue(spec, editor) for spec, _label, editor in self._optionRows})
 
     def _onOpacityChanged(self, value):
         if self._result is not None:
             self.logic.setOpacity(self._result, value)
 
+    def _onPaletteChanged(self, index=None):
+        if self._parameterNode:
+            self.logic.recolorResults(slicer.mrmlScene, self._parameterNode.colorMap)
+
     def _setControlsEnabled(self, enabled):
         for widget in (
-            self.ui.inputSelector,
-            self.ui.modelPathLineEdit,
-            self.ui.deviceComboBox,
-            self.ui.thresholdRuleComboBox,
-            self.ui.thresholdValueSpinBox,
-            self.ui.createSegmentationCheckBox,
-            self.ui.transparentBelowThresholdCheckBox,
-            self.ui.colorMapComboBox,
-            self.ui.methodOptionsFormWidget,
-            self.ui.showAdvancedOptionsCheckBox,
-            self.ui.resetOptionsButton,
+            self.ui.inputSelector, self.ui.modelPathLineEdit, self.ui.deviceComboBox, self.ui.thresholdRuleComboBox,
+            self.ui.thresholdValueSpinBox, self.ui.createSegmentationCheckBox, self.ui.transparentBelowThresholdCheckBox,
+            self.ui.colorMapComboBox, self.ui.methodOptionsFormWidget, self.ui.showAdvancedOptionsCheckBox, self.ui.resetOptionsButton,
         ):
             widget.enabled = enabled
 
@@ -404,23 +361,16 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
             if not self.logic.setupPythonRequirements(askConfirmation=True):
                 self._addLog(_("Python packages are missing; installation was declined."))
                 return
-            qt.QSettings().setValue("CounterfactualVA/lastModelPath", str(p.modelPath))
+            self.ui.modelPathLineEdit.addCurrentPathToHistory()  # ctkPathLineEdit's own history (its settingKey)
+            settings.remember_model(qt.QSettings(), p.modelPath)
             self.ui.logTextEdit.clear()
             self._lastStage = None
             self._process = self.logic.run(
-                p.inputVolume,
-                str(p.modelPath),
-                device=p.device,
-                thresholdRule=p.thresholdRule,
-                thresholdValue=p.thresholdValue if p.thresholdValue > 0 else None,
-                opacity=p.opacity,
-                createSegmentation=p.createSegmentation,
-                transparentBelowThreshold=p.transparentBelowThreshold,
-                palette=p.colorMap,
-                methodOptions=self.methodOptions(),
-                waitForCompletion=False,
-                progressCallback=self._onProgress,
-                logCallback=self._addLog,
+                p.inputVolume, p.modelPath, device=p.device, thresholdRule=p.thresholdRule,
+                thresholdValue=p.thresholdValue if p.thresholdValue > 0 else None, opacity=p.opacity,
+                createSegmentation=p.createSegmentation, transparentBelowThreshold=p.transparentBelowThreshold,
+                palette=p.colorMap, methodOptions=self._optionForm.options(), waitForCompletion=False,
+                progressCallback=self._onProgress, logCallback=self._addLog,
             )
             self.ui.progressBar.value = 0
             self.ui.progressBar.show()
@@ -429,8 +379,14 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
             self._timer.start()
 
     def _onPoll(self):
+        if self._deviceProbe is not None:
+            line = self._deviceProbe.poll()
+            if line is not None:
+                self.ui.deviceInfoLabel.text = line
+                self._deviceProbe = None
         if self._process is None:
-            self._timer.stop()
+            if self._deviceProbe is None:
+                self._timer.stop()
             return
         try:
             done = self._process.poll()
@@ -450,7 +406,6 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
             self._addLog(_("Created: ") + ", ".join(node.GetName() for node in result.nodes()))
 
     def _finishProcess(self):
-        self._timer.stop()
         self._process = None
         self.ui.progressBar.hide()
         self._setControlsEnabled(True)
@@ -458,263 +413,8 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
 
     def _cancelProcess(self):
         if self._process is not None:
-            self._process.cancel()
+            self._process.cancel()  # kills the process group and returns at once
             self._finishProcess()
-
-
-#
-# Results and the attribution process
-#
-
-
-@dataclass
-class CounterfactualVAResult:
-    """The nodes one run created (all new; None where the method has no such output) and its summary."""
-
-    counterfactual: object = None
-    attribution: object = None
-    mask: object = None
-    segmentation: object = None
-    extras: dict = field(default_factory=dict)
-    summary: dict = field(default_factory=dict)
-
-    def __getitem__(self, key):  # result["attribution"] works too
-        return getattr(self, key)
-
-    def keys(self):
-        return ["counterfactual", "attribution", "mask", "segmentation", "extras", "summary"]
-
-    def nodes(self) -> list:
-        return [n for n in (self.counterfactual, self.attribution, self.mask, self.segmentation, *self.extras.values()) if n is not None]
-
-
-def _parseProgress(line: str):
-    """(fraction, stage) for a `PROGRESS <fraction> <stage>` line, else None."""
-    match = re.match(r"^PROGRESS\s+([0-9.eE+-]+)\s*(.*)$", line.strip())
-    if not match:
-        return None
-    try:
-        fraction = float(match.group(1))
-    except ValueError:
-        return None
-    return min(max(fraction, 0.0), 1.0), match.group(2).strip()
-
-
-class CounterfactualVAProcess:
-    """A running attribution: poll() it (from a timer or a loop) until it returns True, or cancel() it.
-
-    poll() forwards progress and log lines, and when the process has ended successfully it loads the outputs
-    into new nodes (``self.result``) and returns True. On failure it raises RuntimeError with the command
-    line's own message (its last ``ERROR:`` line) and creates nothing. cancel() kills the process tree,
-    deletes the temporary folder and creates nothing.
-    """
-
-    def __init__(self, logic, inputNode, command, env, tempDir, outDir, device, loadOptions=None, progressCallback=None, logCallback=None, cpuFallback=True):
-        self.logic = logic
-        self.inputNode = inputNode
-        self.command = list(command)
-        self.env = env
-        self.tempDir = tempDir
-        self.outDir = outDir
-        #: keyword arguments of CounterfactualVALogic.loadResults (opacity, createSegmentation, ...)
-        self.loadOptions = dict(loadOptions or {})
-        self.device = device
-        self.progressCallback = progressCallback
-        self.logCallback = logCallback or (lambda line: logging.info(line))
-        self.cpuFallback = cpuFallback
-        self.progress = 0.0
-        self.stage = "Starting"
-        self.log: list[str] = []
-        self.stderr: list[str] = []
-        self.result: CounterfactualVAResult | None = None
-        self.error: str | None = None
-        self.returncode: int | None = None
-        self.cancelled = False
-        self.done = False
-        self._proc = None
-        self._queue: queue.Queue = queue.Queue()
-        self._threads: list[threading.Thread] = []
-
-    # -- process control --------------------------------------------------------------------------------
-    def start(self):
-        self._report(0.0, "Starting the attribution process")
-        self.logCallback("Running: " + " ".join(self.command))
-        kwargs = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0) | getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
-        else:
-            kwargs["start_new_session"] = True  # own process group: cancel() kills the launcher and its children
-        self._proc = subprocess.Popen(
-            self.command,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            bufsize=1,
-            cwd=self.tempDir,
-            **kwargs,
-        )
-        self._threads = [
-            threading.Thread(target=self._reader, args=(self._proc.stdout, "out"), daemon=True),
-            threading.Thread(target=self._reader, args=(self._proc.stderr, "err"), daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def _reader(self, stream, tag):
-        try:
-            for line in iter(stream.readline, ""):
-                self._queue.put((tag, line.rstrip("\r\n")))
-        except (ValueError, OSError):
-            pass  # stream closed by cancel()
-        finally:
-            self._queue.put((tag, None))
-
-    def _report(self, fraction, stage):
-        self.progress, self.stage = fraction, stage
-        if self.progressCallback:
-            self.progressCallback(fraction, stage)
-
-    def _drain(self):
-        while True:
-            try:
-                tag, line = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if line is None:
-                continue
-            progress = _parseProgress(line) if tag == "out" else None
-            if progress is not None:
-                # Stop just short of 1: loading the results into the scene is the last step.
-                self._report(min(progress[0], 0.99), progress[1])
-                continue
-            if tag == "err":
-                self.stderr.append(line)
-            self.log.append(line)
-            self.logCallback(line)
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def poll(self) -> bool:
-        """Forward output; True when finished (then ``result`` holds the nodes). Raises on failure."""
-        if self.done:
-            if self.error:
-                raise RuntimeError(self.error)
-            return True
-        if self.cancelled:
-            return True
-        self._drain()
-        if self._proc.poll() is None:
-            return False
-        for thread in self._threads:
-            thread.join(timeout=5)
-        self._drain()
-        self.returncode = self._proc.returncode
-        if self.returncode != 0:
-            message = self._errorMessage()
-            if self.cpuFallback and self.device != "cpu" and self._looksLikeGpuProblem(message):
-                self.logCallback(f"The GPU run failed ({message}); running on the CPU instead.")
-                self._restartOnCpu()
-                return False
-            return self._fail(message)
-        try:
-            self._report(0.99, "Loading results into the scene")
-            self.result = self.logic.loadResults(self.inputNode, self.outDir, **self.loadOptions)
-        except Exception as exc:
-            return self._fail(str(exc))
-        self._cleanup()
-        self.done = True
-        self._report(1.0, "Done")
-        return True
-
-    def wait(self, timeout: float | None = None, interval: float = 0.05) -> CounterfactualVAResult:
-        """Block until finished; returns the result (raises RuntimeError on failure or timeout)."""
-        start = time.monotonic()
-        while not self.poll():
-            if timeout is not None and time.monotonic() - start > timeout:
-                self.cancel()
-                raise RuntimeError(f"The attribution did not finish within {timeout:.0f} s and was cancelled.")
-            time.sleep(interval)
-        if self.cancelled:
-            raise RuntimeError("The attribution was cancelled.")
-        return self.result
-
-    def cancel(self):
-        """Kill the process (and its children), delete the temporary folder; no nodes are created."""
-        if self.done or self.cancelled:
-            return
-        self.cancelled = True
-        self._kill()
-        self._cleanup()
-        self._report(self.progress, "Cancelled")
-
-    def _kill(self):
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            if os.name == "nt":
-                subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True, check=False)
-            else:
-                os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError, OSError):
-            pass
-        try:
-            proc.kill()
-        except OSError:
-            pass
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        for stream in (proc.stdout, proc.stderr):
-            try:
-                stream.close()
-            except Exception:
-                pass
-
-    def _cleanup(self):
-        shutil.rmtree(self.tempDir, ignore_errors=True)
-
-    def _fail(self, message):
-        self.error = message
-        self.done = True
-        self._cleanup()
-        self._report(self.progress, "Failed")
-        raise RuntimeError(message)
-
-    def _errorMessage(self) -> str:
-        for line in reversed(self.stderr):
-            if line.startswith("ERROR:"):
-                return line[len("ERROR:"):].strip()
-        if self.returncode is not None and self.returncode < 0:
-            return (
-                f"The attribution process was killed by signal {-self.returncode} (often: out of memory). "
-                "Try the CPU device, close other programs, or use a smaller model."
-            )
-        tail = " | ".join(line for line in self.stderr[-5:] if line.strip()) or "no error output"
-        return f"The attribution process failed with exit code {self.returncode}: {tail}"
-
-    @staticmethod
-    def _looksLikeGpuProblem(message: str) -> bool:
-        text = message.lower()
-        return any(word in text for word in ("cuda", "gpu", "cudnn", "nvidia"))
-
-    def _restartOnCpu(self):
-        self.device = "cpu"
-        command = list(self.command)
-        command[command.index("--device") + 1] = "cpu"
-        self.command = command
-        self.env = dict(self.env, CUDA_VISIBLE_DEVICES="-1")
-        self.stderr, self._queue = [], queue.Queue()
-        shutil.rmtree(self.outDir, ignore_errors=True)
-        self.start()
 
 
 #
@@ -729,6 +429,8 @@ class CounterfactualVALogic(_LogicBase):
 
     DEVICES = DEVICES
     THRESHOLD_RULES = THRESHOLD_RULES
+    BATCH_TABLE_NAME = results.BATCH_TABLE_NAME
+    BATCH_COLUMNS = tuple(results.BATCH_COLUMNS)
 
     def __init__(self):
         if _LogicBase is not object:
@@ -747,36 +449,42 @@ class CounterfactualVALogic(_LogicBase):
         return MODULE_DIR
 
     def pythonCommand(self) -> str:
-        if self.pythonExecutable:
-            return self.pythonExecutable
-        if HAVE_SLICER_APP:
-            found = shutil.which("PythonSlicer")
-            if found:
-                return found
-        return sys.executable
+        return processes.python_executable(self.pythonExecutable, in_slicer=HAVE_SLICER_APP)
 
     def childEnvironment(self, device: str = "auto") -> dict:
-        """Environment of the attribution process: Slicer's startup environment (so that the PythonSlicer
-        launcher sets up its own paths), this module's folder on PYTHONPATH, unbuffered output, and no CUDA
-        device when the CPU is asked for."""
-        env = None
-        if HAVE_SLICER_APP and hasattr(slicer, "app"):
-            try:
-                env = slicer.util.startupEnvironment()
-            except Exception:
-                env = None
-        env = dict(env if env is not None else os.environ)
-        paths = [MODULE_DIR] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != MODULE_DIR]
-        env["PYTHONPATH"] = os.pathsep.join(paths)
-        env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONIOENCODING"] = "utf-8"
-        if device == "cpu":
-            env["CUDA_VISIBLE_DEVICES"] = "-1"
-        return env
+        """Slicer's startup environment (so that the PythonSlicer launcher sets up its own paths) with this
+        module's folder first on PYTHONPATH; no CUDA device when the CPU is asked for."""
+        base = slicer.util.startupEnvironment() if HAVE_SLICER_APP and hasattr(slicer, "app") else None
+        return processes.child_environment([MODULE_DIR], device, base)
+
+    def deviceProbe(self) -> DeviceProbe:
+        """Asks the child's Python which device it will use (see slicer_support.device_probe)."""
+        return DeviceProbe(self.pythonCommand(), self.childEnvironment())
+
+    def deviceDescription(self, timeout: float = 60.0) -> str:
+        """The panel's device line (GPU name and memory, or the CPU), asked of the child's Python; blocks."""
+        probe = self.deviceProbe()
+        deadline = time.monotonic() + timeout
+        while (line := probe.poll()) is None:
+            if time.monotonic() > deadline:
+                probe.cancel()
+                return "The compute device could not be detected (no answer)."
+            time.sleep(0.05)
+        return line
+
+    @staticmethod
+    def missingPythonPackages() -> list:
+        """The requirements of Resources/requirements.txt not met here, with why (nothing is imported)."""
+        return [f"{requirement} ({why})" for requirement, why in missing_requirements()]
+
+    def setupPythonRequirements(self, askConfirmation: bool = True) -> bool:
+        """Install what the attribution process needs into Slicer's Python (asks first); True when ready,
+        False when declined. PyTorch comes from the PyTorch extension, the rest from pip."""
+        return DependencyHandler("CounterfactualVA", in_slicer=HAVE_SLICER_APP).ensure(askConfirmation)
 
     def buildCommand(self, modelPath, inputPath, outDir, device="auto", thresholdRule="paper", thresholdValue=None, methodOptions=None) -> list:
         command = [
-            self.pythonCommand(), "-m", "CounterfactualVACLI", "attribute",
+            self.pythonCommand(), "-m", processes.CLI_MODULE, "attribute",
             "--model", str(modelPath), "--input", str(inputPath), "--out", str(outDir),
             "--device", device, "--threshold-rule", thresholdRule,
         ]
@@ -798,118 +506,30 @@ class CounterfactualVALogic(_LogicBase):
             return value
         return json.dumps(value)
 
-    def methodOptionSpecs(self, modelPath) -> list:
-        """The attribution options of the model's method as form rows (``method_options.OptionSpec``: name,
-        type, default, choices/range, label, tooltip, advanced), read from the model's metadata without
-        loading weights; raises ValueError/ModelFileError when the file is not usable."""
-        from CounterfactualVALib.method_options import option_specs_for_model
-
-        return option_specs_for_model(str(modelPath))
+    @staticmethod
+    def methodOptionSpecs(modelPath) -> list:
+        """The attribution options of the model's method as form rows (``method_options.OptionSpec``), read from
+        the model file's header without torch; ModelHeaderError (a ValueError) when the file is not usable."""
+        return option_specs_for_model_file(str(modelPath))
 
     @staticmethod
-    def missingPythonPackages() -> list:
-        return [name for name in REQUIRED_PACKAGES if importlib.util.find_spec(name) is None]
-
-    @staticmethod
-    def deviceDescription() -> str:
-        """One line for the panel: the CUDA GPU (device 0) and its memory, or that the CPU is used, or that
-        PyTorch is not installed yet. Never raises (a broken PyTorch install reads as not installed)."""
-        try:
-            import torch
-        except (ImportError, OSError):  # not installed, or a broken install (missing shared libraries)
-            return "PyTorch not installed yet (installed on first Apply)"
-        try:
-            if torch.cuda.is_available():
-                properties = torch.cuda.get_device_properties(0)
-                return f"GPU: {properties.name}, {properties.total_memory / 1024**3:.1f} GiB"
-        except (RuntimeError, AssertionError) as error:  # e.g. a driver mismatch
-            return f"No usable CUDA GPU ({error}): runs on the CPU"
-        return "No CUDA GPU detected: runs on the CPU"
-
-    def setupPythonRequirements(self, askConfirmation: bool = True) -> bool:
-        """Install what the attribution process needs into Slicer's Python (asks first); True when ready.
-
-        PyTorch comes from the PyTorch extension (PyTorchUtils), the rest from PyPI."""
-        missing = self.missingPythonPackages()
-        if not missing:
-            return True
-        if not HAVE_SLICER_APP:
-            raise RuntimeError(f"Python packages missing: {', '.join(missing)}. Install them with pip (pip install counterfactualva[torch]).")
-        if "torch" in missing:
-            try:
-                import PyTorchUtils
-            except ImportError:
-                raise RuntimeError("PyTorch is needed: install the 'PyTorch' extension from the Extensions Manager and restart Slicer.") from None
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled():
-                if torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}") is None:
-                    return False
-        requirements = [REQUIRED_PACKAGES[name] for name in self.missingPythonPackages() if REQUIRED_PACKAGES.get(name)]
-        if requirements:
-            packaging = getattr(slicer, "packaging", None)
-            if packaging is not None and hasattr(packaging, "pip_ensure"):
-                packaging.pip_ensure(requirements, requester="CounterfactualVA")
-            else:
-                if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                    "CounterfactualVA needs these Python packages: " + ", ".join(requirements) + ". Install them now?"
-                ):
-                    return False
-                slicer.util.pip_install(requirements)
-            importlib.invalidate_caches()
-        return not self.missingPythonPackages()
-
-    def modelInfo(self, modelPath) -> str:
-        """One paragraph about a model file (method, classes, grid, training), read without loading weights."""
-        path = str(modelPath or "")
-        if path in ("", "."):
+    def modelInfo(modelPath) -> str:
+        """One paragraph about a model file (method, classes, grid, training), read from its header only."""
+        path = settings.path_text(modelPath)
+        if not path:
             return "No model selected."
         if not os.path.isfile(path):
             return f"Model file not found: {path}"
-        missing = [name for name in ("safetensors", "torch") if importlib.util.find_spec(name) is None]
-        if missing:
-            return f"Model details need Python packages that are not installed yet ({', '.join(missing)}); Apply offers to install them."
         try:
-            from CounterfactualVALib.checkpoint import read_metadata
-
-            metadata = read_metadata(path)
-        except ImportError as exc:
-            return f"Model details need Python packages that are not installed yet ({exc.name}); Apply offers to install them."
-        except Exception as exc:
+            return describe_model(read_model_metadata(path))
+        except ValueError as exc:
             return f"Not usable: {exc}"
-        pre = metadata.preprocessing
-        training = metadata.training or {}
-        normal = metadata.classes[metadata.normal_class] if metadata.classes else "?"
-        outputs = f" Outputs: {', '.join(metadata.outputs)}." if metadata.outputs else ""
-        return (
-            f"{metadata.method} ({pre.get('spatial_dims')}D), model grid {pre.get('size')} at {pre.get('spacing')} mm; "
-            f"classes {metadata.classes} (normal: {normal}); trained {training.get('steps', '?')} steps on "
-            f"{training.get('data_summary', 'unknown data')}.{outputs}"
-        )
 
     # -- running -------------------------------------------------------------------------------------------
-    def validate(self, inputVolumeNode, modelPath, device="auto", thresholdRule="paper", thresholdValue=None) -> None:
+    @staticmethod
+    def validate(inputVolumeNode, modelPath, device="auto", thresholdRule="paper", thresholdValue=None) -> None:
         """Raise ValueError with what is wrong and what to do, before anything is launched."""
-        slicer_nodes.validate_input_volume(inputVolumeNode)
-        if inputVolumeNode.GetScene() is None:
-            raise ValueError(f"'{inputVolumeNode.GetName()}' is not in a scene: add it to the scene first.")
-        path = str(modelPath or "")
-        if path in ("", "."):
-            raise ValueError("No model file: select a CounterfactualVA model (.safetensors) trained for this kind of scan.")
-        if os.path.isdir(path):
-            raise ValueError(f"{path} is a folder; select the model file (.safetensors) inside it.")
-        if not os.path.isfile(path):
-            raise ValueError(f"Model file not found: {path}. Check the path or select another .safetensors model file.")
-        if device not in DEVICES:
-            raise ValueError(f"Unknown device {device!r}: use one of {', '.join(DEVICES)}.")
-        if thresholdRule not in THRESHOLD_RULES:
-            raise ValueError(f"Unknown threshold rule {thresholdRule!r}: use one of {', '.join(THRESHOLD_RULES)}.")
-        if thresholdValue is not None:
-            try:
-                value = float(thresholdValue)
-            except (TypeError, ValueError):
-                raise ValueError(f"Threshold value must be a number, got {thresholdValue!r}.") from None
-            if value != value or value < 0:
-                raise ValueError(f"Threshold value must be a non-negative number, got {thresholdValue!r}.")
+        attribution.validate(inputVolumeNode, modelPath, device, thresholdRule, thresholdValue)
 
     def run(
         self,
@@ -943,12 +563,11 @@ class CounterfactualVALogic(_LogicBase):
         the CPU and say so in the log.
         """
         self.validate(inputVolumeNode, modelPath, device, thresholdRule, thresholdValue)
-        if palette not in PALETTES:
-            raise ValueError(f"Unknown colour map {palette!r}: use one of {', '.join(PALETTES)}.")
-        missing = self.missingPythonPackages()
+        results.check_palette(palette)
+        missing = missing_requirements()
         if missing:
             raise RuntimeError(
-                f"Python packages missing: {', '.join(missing)}. In Slicer click Apply in the CounterfactualVA panel "
+                f"Python packages missing: {describe_missing(missing)}. In Slicer click Apply in the CounterfactualVA panel "
                 "(it offers to install them) or call CounterfactualVALogic().setupPythonRequirements()."
             )
         baseTemp = None
@@ -964,7 +583,7 @@ class CounterfactualVALogic(_LogicBase):
                 "opacity": opacity, "createSegmentation": createSegmentation,
                 "transparentBelowThreshold": transparentBelowThreshold, "palette": palette,
             }
-            process = CounterfactualVAProcess(
+            process = attribution.AttributionProcess(
                 self, inputVolumeNode, command, self.childEnvironment(device), tempDir, outDir, device, loadOptions,
                 progressCallback, logCallback, cpuFallback,
             )
@@ -975,10 +594,6 @@ class CounterfactualVALogic(_LogicBase):
         if not waitForCompletion:
             return process
         return process.wait(timeout=timeout)
-
-    #: columns of the batch summary table made by runOnVolumes (all text; numbers written exactly, '' when absent)
-    BATCH_TABLE_NAME = "CounterfactualVA summary"
-    BATCH_COLUMNS = ("volume", "method", "class_probability", "mask_volume_ml", "mask_voxels", "outputs", "status")
 
     def runOnVolumes(
         self,
@@ -996,10 +611,9 @@ class CounterfactualVALogic(_LogicBase):
 
         Returns ``(tableNode, results)``: the table ("CounterfactualVA summary", new unless `tableNode` is
         given, in which case its rows are replaced) has one row per volume with the volume's name, the method,
-        the class probability (``summary["scalars"]["class_probability"]``, empty when the method has none),
-        the mask volume in ml, the mask voxel count, the names of the created nodes and a status ("ok" or
-        "error: <message>"); `results` holds one CounterfactualVAResult per volume, None where it failed. A
-        failing volume does not stop the batch.
+        the class probability (empty when the method has none), the mask volume in ml, the mask voxel count,
+        the names of the created nodes and a status ("ok" or "error: <message>"); `results` holds one
+        CounterfactualVAResult per volume, None where it failed. A failing volume does not stop the batch.
         """
         if "waitForCompletion" in runOptions:
             raise TypeError("runOnVolumes always waits for each run; do not pass waitForCompletion.")
@@ -1009,180 +623,38 @@ class CounterfactualVALogic(_LogicBase):
         scene = volumes[0].GetScene()
         if scene is None:
             raise ValueError(f"'{volumes[0].GetName()}' is not in a scene: add it to the scene first.")
-        if tableNode is None:
-            tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", slicer_nodes.unique_name(scene, self.BATCH_TABLE_NAME))
-        table = tableNode.GetTable()
-        wasModifying = tableNode.StartModify()
-        try:
-            tableNode.RemoveAllColumns()
-            for name in self.BATCH_COLUMNS:
-                column = vtk.vtkStringArray()
-                column.SetName(name)
-                table.AddColumn(column)
-            descriptions = {
-                "volume": "Input volume",
-                "method": "Attribution method of the model",
-                "class_probability": "Classifier probability of the input (empty when the method has none)",
-                "mask_volume_ml": "Volume of the attribution mask",
-                "mask_voxels": "Voxels in the attribution mask",
-                "outputs": "Nodes created for this volume",
-                "status": "'ok', or the error that stopped this volume",
-            }
-            for name, description in descriptions.items():
-                tableNode.SetColumnDescription(name, description)
-            tableNode.SetColumnUnitLabel("mask_volume_ml", "ml")
-        finally:
-            tableNode.EndModify(wasModifying)
-
-        def text(value):
-            if value is None:
-                return ""
-            if isinstance(value, float):
-                return repr(value)
-            return str(value)
-
-        results = []
-        count = len(volumes)
+        tableNode = results.start_batch_table(scene, tableNode)
+        runs = []
         for index, volume in enumerate(volumes):
             name = volume.GetName() if volume.GetName() is not None else "(unnamed)"
 
             def forward(fraction, stage, _index=index, _name=name):
                 if progressCallback:
-                    progressCallback((_index + fraction) / count, f"[{_index + 1}/{count}] {_name}: {stage}")
+                    progressCallback((_index + fraction) / len(volumes), f"[{_index + 1}/{len(volumes)}] {_name}: {stage}")
 
-            row = {"volume": name}
             try:
                 result = self.run(volume, modelPath, waitForCompletion=True, progressCallback=forward, logCallback=logCallback, **runOptions)
             except Exception as exc:
-                results.append(None)
-                row["status"] = f"error: {exc}"
-                if logCallback:
-                    logCallback(f"{name}: ERROR: {exc}")
-                else:
-                    logging.warning("CounterfactualVA batch: %s failed: %s", name, exc)
+                runs.append(None)
+                results.add_batch_row(tableNode, results.batch_row(name, error=exc))
+                (logCallback or print)(f"{name}: ERROR: {exc}")
             else:
-                results.append(result)
-                summary = result.summary or {}
-                row.update(
-                    method=summary.get("method"),
-                    class_probability=(summary.get("scalars") or {}).get("class_probability"),
-                    mask_volume_ml=summary.get("mask_volume_ml"),
-                    mask_voxels=summary.get("mask_voxels"),
-                    outputs="; ".join(node.GetName() for node in result.nodes()),
-                    status="ok",
-                )
-            rowIndex = table.InsertNextBlankRow()
-            for columnIndex, column in enumerate(self.BATCH_COLUMNS):
-                table.GetColumn(columnIndex).SetValue(rowIndex, text(row.get(column)))
-            table.Modified()
-            tableNode.Modified()
+                runs.append(result)
+                results.add_batch_row(tableNode, results.batch_row(name, result))
         if progressCallback:
             progressCallback(1.0, "Done")
-        return tableNode, results
+        return tableNode, runs
 
     # -- results -------------------------------------------------------------------------------------------
-    def loadResults(
-        self, inputVolumeNode, outDir, opacity: float = 0.6, createSegmentation: bool = False, show: bool = True,
-        transparentBelowThreshold: bool = True, palette: str = slicer_nodes.DEFAULT_PALETTE,
-    ) -> CounterfactualVAResult:
-        """Load a finished output folder (summary.json + images on the input's grid) into new nodes.
-
-        All files are read and checked against the input's geometry before any node enters the scene, so a
-        bad folder adds nothing. transparentBelowThreshold: the signed attribution's colour table is
-        transparent for |value| below the mask threshold, so the overlay colours only the attribution that
-        passed it and the scan shows unchanged elsewhere (False: the whole map is drawn, white at zero, tinting
-        the view). Only the display changes: the attribution node holds the map's values either way.
-        palette: the diverging colour map of the signed maps (one of :data:`PALETTES`; ValueError otherwise,
-        before anything is read)."""
-        if palette not in PALETTES:
-            raise ValueError(f"Unknown colour map {palette!r}: use one of {', '.join(PALETTES)}.")
-        summaryPath = os.path.join(outDir, "summary.json")
-        if not os.path.isfile(summaryPath):
-            raise RuntimeError(f"The attribution finished without a summary ({summaryPath} is missing): the output is incomplete.")
-        with open(summaryPath, encoding="utf-8") as f:
-            summary = json.load(f)
-        outputs = summary.get("outputs") or {}
-        if not outputs.get("attribution") or not outputs.get("mask"):
-            raise RuntimeError(f"{summaryPath} names no attribution or mask file: the output is incomplete.")
-        name = inputVolumeNode.GetName()
-        kinds = outputs.get("extra_kinds") or {}
-        # (role, node name, file, labelmap, display kind)
-        plan = []
-        if outputs.get("counterfactual"):
-            plan.append(("counterfactual", f"{name} counterfactual", outputs["counterfactual"], False, "intensity"))
-        plan.append(("attribution", f"{name} attribution", outputs["attribution"], False, "difference"))
-        plan.append(("mask", f"{name} attribution mask", outputs["mask"], True, "mask"))
-        for extra, fileName in (outputs.get("extras") or {}).items():
-            plan.append((f"extra:{extra}", f"{name} {extra}", fileName, False, kinds.get(extra, "difference")))
-
-        if outputs.get("series"):
-            logging.info("CounterfactualVA: image series outputs (%s) are not loaded into the scene.", ", ".join(outputs["series"]))
-        loaded = [(role, nodeName, slicer_nodes.read_output_like(os.path.join(outDir, fileName), inputVolumeNode, labelmap), kind)
-                  for role, nodeName, fileName, labelmap, kind in plan]
-
-        result = CounterfactualVAResult(summary=summary)
-        added = []
-        try:
-            description = summary.get("description", "CounterfactualVA output")
-            method = summary.get("method")
-            scalars = json.dumps(summary.get("scalars") or {})
-            for role, nodeName, node, kind in loaded:
-                slicer_nodes.add_to_scene_like(node, inputVolumeNode, nodeName)
-                added.append(node)
-                if role == "attribution" and transparentBelowThreshold:
-                    maskNode = next(loadedNode for loadedRole, _name, loadedNode, _kind in loaded if loadedRole == "mask")
-                    cut = slicer_nodes.overlay_threshold(summary, node, maskNode)
-                    slicer_nodes.show_signed_map(node, transparent_below=cut, palette=palette)
-                elif kind == "difference":
-                    slicer_nodes.show_signed_map(node, palette=palette)
-                elif kind == "probability":
-                    slicer_nodes.show_probability(node)
-                elif kind == "mask":
-                    slicer_nodes.show_mask(node)
-                else:
-                    slicer_nodes.show_like(node, inputVolumeNode)
-                slicer_nodes.describe(
-                    node, f"{self._roleText(role, summary, kind)} {description}", Role=role, Method=method,
-                    InputNodeID=inputVolumeNode.GetID(), Scalars=scalars,
-                )
-                if role.startswith("extra:"):
-                    result.extras[role[len("extra:"):]] = node
-                else:
-                    setattr(result, role, node)
-            if createSegmentation:
-                result.segmentation = slicer_nodes.segmentation_from_labelmap(result.mask, f"{name} attribution segmentation")
-                added.append(result.segmentation)
-                slicer_nodes.describe(
-                    result.segmentation, f"Segmentation of the attribution mask. {description}", Role="segmentation",
-                    Method=method, InputNodeID=inputVolumeNode.GetID(),
-                )
-            slicer_nodes.place_in_subject_hierarchy(added, inputVolumeNode)
-        except BaseException:
-            slicer_nodes.remove_nodes(added)
-            raise
-        if show:
-            slicer_nodes.show_in_slice_views(
-                inputVolumeNode.GetScene(), background=inputVolumeNode, foreground=result.attribution, label=result.mask,
-                foreground_opacity=opacity,
-            )
-        return result
+    @staticmethod
+    def loadResults(inputVolumeNode, outDir, **options) -> CounterfactualVAResult:
+        """Load a finished output folder into new nodes; see ``slicer_support.results.load_results``."""
+        return results.load_results(inputVolumeNode, outDir, **options)
 
     @staticmethod
-    def _roleText(role, summary, kind) -> str:
-        thresholds = summary.get("thresholds") or {}
-        if role == "counterfactual":
-            return "Counterfactual (healthy-looking counterpart) of the input."
-        if role == "attribution":
-            sign = summary.get("map_sign", "counterfactual minus input")
-            return (
-                f"Signed attribution map: {sign}; displayed with a window centred on 0 (blue negative, red positive), "
-                "transparent in slice views where |map| is below the mask threshold (the values are the method's)."
-            )
-        if role == "mask":
-            rule, applied = thresholds.get("rule", "?"), thresholds.get("applied_to_abs_map")
-            cut = f"{applied:.4g}" if isinstance(applied, (int, float)) else "?"
-            return f"Attribution mask: 1 where |map| >= {cut} (threshold rule '{rule}')."
-        return f"Method output '{role[len('extra:'):]}' ({kind})."
+    def recolorResults(scene, palette: str) -> list:
+        """Draw the signed maps already loaded into `scene` with another colour map; returns those nodes."""
+        return results.recolor_results(scene, palette)
 
     @staticmethod
     def setOpacity(result: CounterfactualVAResult, opacity: float) -> int:
@@ -1203,6 +675,9 @@ class CounterfactualVATest(ScriptedLoadableModuleTest):
 
     Runs in Slicer (Developer mode > Reload and Test) and under slicer-core (Testing/test_slicer_logic.py)."""
 
+    makeTinyModel = staticmethod(testing.make_tiny_model)
+    makeObliqueVolume = staticmethod(testing.make_oblique_volume)
+
     def setUp(self):
         if hasattr(slicer, "mrmlScene"):
             slicer.mrmlScene.Clear(0)
@@ -1211,48 +686,15 @@ class CounterfactualVATest(ScriptedLoadableModuleTest):
             self.scene = makeScene()
 
     def runTest(self):
+        # Slicer's "Reload and Test" calls runTest() directly inside tryWithErrorDisplay
+        # (ScriptedLoadableModule.py, onReloadAndTest), so unittest's SkipTest would show as an error dialog:
+        # say why nothing ran and return instead.
+        missing = CounterfactualVALogic.missingPythonPackages()
+        if missing:
+            self.delayDisplay(f"CounterfactualVA self-test not run: Python packages missing ({', '.join(missing)}). Click Apply in the module to install them.")
+            return
         self.setUp()
         self.test_CounterfactualVA_EndToEnd()
-
-    @staticmethod
-    def makeTinyModel(path, spatialDims: int = 3, size: int = 16, seed: int = 0) -> str:
-        """A VANT-GAN model file with random weights (a valid file, not a good model); needs torch."""
-        import torch
-        from CounterfactualVALib.checkpoint import ModelMetadata, save_model
-        from CounterfactualVALib.methods import create_method
-        from CounterfactualVALib.preprocessing import PreprocessingConfig
-
-        torch.manual_seed(seed)
-        method = create_method("vantgan", spatialDims, {"ngf": 4, "n_blocks": 1, "ndf": 4}, training=False)
-        preprocessing = PreprocessingConfig(spatial_dims=spatialDims, size=(size,) * spatialDims, spacing=(3.0,) * spatialDims).to_dict()
-        metadata = ModelMetadata(
-            method="vantgan", method_config=method.config, preprocessing=preprocessing, networks=list(method.inference_networks),
-            outputs=list(method.outputs), training={"command": "self-test", "steps": 0, "data_summary": "no data (random weights)"},
-        )
-        return str(save_model(path, method.inference_state_dict(), metadata))
-
-    @staticmethod
-    def makeObliqueVolume(scene, name="SelfTestMRI", shape=(20, 24, 22)):
-        """An anisotropic, oblique, off-origin scalar volume with a bright ellipsoid and an off-centre blob."""
-        import numpy as np
-
-        k, j, i = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
-        centre = [(n - 1) / 2 for n in shape]
-        r2 = sum(((g - c) / (0.38 * n)) ** 2 for g, c, n in zip((k, j, i), centre, shape))
-        array = np.where(r2 < 1, 100.0, 5.0).astype(np.float32)
-        array[((k - centre[0]) ** 2 + (j - centre[1] - 3) ** 2 + (i - centre[2] + 3) ** 2) < 6] += 80
-        array += np.random.default_rng(0).normal(0, 1, array.shape).astype(np.float32)
-        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-        slicer.util.updateVolumeFromArray(node, array)
-        transform = vtk.vtkTransform()
-        transform.PostMultiply()
-        transform.Scale(1.2, 0.9, 2.5)
-        transform.RotateX(17)
-        transform.RotateZ(-28)
-        transform.Translate(-31.5, 14.25, 62.0)
-        node.SetIJKToRASMatrix(transform.GetMatrix())
-        node.CreateDefaultDisplayNodes()
-        return node
 
     def test_CounterfactualVA_EndToEnd(self):
         """The panel's path: an oblique volume under a linear transform, in a subject-hierarchy folder, run
@@ -1260,7 +702,7 @@ class CounterfactualVATest(ScriptedLoadableModuleTest):
         import numpy as np
 
         self.delayDisplay("Starting the CounterfactualVA end-to-end test")
-        if CounterfactualVALogic.missingPythonPackages():
+        if CounterfactualVALogic.missingPythonPackages():  # under pytest/unittest only; runTest() checks first
             self.skipTest(f"missing Python packages: {CounterfactualVALogic.missingPythonPackages()}")
         folder = tempfile.mkdtemp(prefix="CounterfactualVATest-")
         try:
@@ -1319,25 +761,3 @@ class CounterfactualVATest(ScriptedLoadableModuleTest):
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         self.delayDisplay("Test passed")
-
-
-def makeScene():
-    """A scene set up the way the application sets one up, for slicer-core: default colour tables,
-    subject hierarchy logic and the three slice views' composite nodes."""
-    scene = slicer.vtkMRMLScene()
-    colorLogic = slicer.vtkMRMLColorLogic()
-    colorLogic.SetMRMLScene(scene)
-    subjectHierarchyLogic = slicer.vtkSlicerSubjectHierarchyModuleLogic()
-    subjectHierarchyLogic.SetMRMLScene(scene)
-    applicationLogic = slicer.vtkMRMLApplicationLogic()
-    applicationLogic.SetMRMLScene(scene)
-    sliceLogics = []
-    for viewName in ("Red", "Yellow", "Green"):
-        sliceLogic = slicer.vtkMRMLSliceLogic()
-        sliceLogic.SetMRMLScene(scene)
-        sliceLogic.SetMRMLApplicationLogic(applicationLogic)
-        sliceLogic.AddSliceNode(viewName)
-        sliceLogics.append(sliceLogic)
-    # Keep the logics alive as long as the scene object is used from Python.
-    scene._counterfactualVALogics = (colorLogic, subjectHierarchyLogic, applicationLogic, sliceLogics)
-    return scene

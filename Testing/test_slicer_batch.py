@@ -125,16 +125,17 @@ def test_cmake_installs_the_sample_files():
 
 
 def test_requirements_txt_matches_pyproject():
+    """Resources/requirements.txt is what both modules install; pyproject repeats it (torch as the extra)."""
+    from CounterfactualVALib.slicer_support.requirements import load_requirements, split_torch
+
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    expected = pyproject["project"]["dependencies"]
-    lines = (MODULE_DIR / "Resources" / "requirements.txt").read_text().splitlines()
-    requirements = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-    assert requirements == expected
-    assert not any(re.match(r"torch\b", r) for r in requirements)  # torch comes from the PyTorch extension
-    # what the module installs on demand agrees with it
-    for spec in module.REQUIRED_PACKAGES.values():
-        if spec:
-            assert spec in requirements
+    torch, others = split_torch(load_requirements(MODULE_DIR / "Resources" / "requirements.txt"))
+    from packaging.requirements import Requirement
+
+    assert others == [Requirement(r) for r in pyproject["project"]["dependencies"]]
+    assert [torch] == [Requirement(r) for r in pyproject["project"]["optional-dependencies"]["torch"]]
+    source = (MODULE_DIR / "CounterfactualVA.py").read_text() + (REPO / "CounterfactualVATraining" / "CounterfactualVATraining.py").read_text()
+    assert "REQUIRED_PACKAGES" not in source and "pip_install(" not in source  # no second list, no install outside the handler
 
 
 def test_extensions_index_description():

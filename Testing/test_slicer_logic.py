@@ -197,10 +197,12 @@ def test_model_info_reads_the_metadata_only(tiny_model, tmp_path):
 
 
 def test_progress_lines_are_parsed():
-    assert module._parseProgress("PROGRESS 0.300 Running VANT-GAN on CPU") == (0.3, "Running VANT-GAN on CPU")
-    assert module._parseProgress("PROGRESS 1.5 x") == (1.0, "x")
-    assert module._parseProgress("Wrote files") is None
-    assert module._parseProgress("PROGRESS abc") is None
+    from CounterfactualVALib.slicer_support.process import parse_progress
+
+    assert parse_progress("PROGRESS 0.300 Running VANT-GAN on CPU") == (0.3, "Running VANT-GAN on CPU")
+    assert parse_progress("PROGRESS 1.5 x") == (1.0, "x")
+    assert parse_progress("Wrote files") is None
+    assert parse_progress("PROGRESS abc") is None
 
 
 # --- geometry: write and read back ------------------------------------------------------------------------
@@ -377,21 +379,48 @@ def test_colour_map_choice_changes_the_attribution_table_and_tables_are_reused_p
     assert default.attribution.GetDisplayNode().GetColorNodeID() != table.GetID()
 
 
-def test_device_description_names_the_gpu_or_the_cpu(monkeypatch):
-    import torch
+def test_changing_the_palette_recolours_results_already_loaded(scene, tmp_path):
+    """The panel's colour-map choice redraws every signed map in the scene, keeping each overlay's cut."""
+    node = oblique_volume(scene)
+    write_fixture_outputs(node, tmp_path)
+    logic = CounterfactualVALogic()
+    first, second = logic.loadResults(node, tmp_path), logic.loadResults(node, tmp_path, transparentBelowThreshold=False)
+    fresh = logic.loadResults(node, tmp_path, palette="purple-orange")
+    redrawn = logic.recolorResults(scene, "purple-orange")
+    signed = {n.GetID() for r in (first, second, fresh) for n in [r.attribution, *r.extras.values()] if n.GetAttribute("CounterfactualVA.DisplayKind") == "difference"}
+    assert {n.GetID() for n in redrawn} == signed and first.attribution.GetID() in signed
+    assert first.attribution.GetDisplayNode().GetColorNodeID() == fresh.attribution.GetDisplayNode().GetColorNodeID()  # same cut, same table
+    assert "purple-orange" in second.attribution.GetDisplayNode().GetColorNode().GetName()
+    assert second.attribution.GetDisplayNode().GetColorNodeID() != first.attribution.GetDisplayNode().GetColorNodeID()  # no cut: opaque
+    assert first.mask.GetID() not in {n.GetID() for n in redrawn} and first.counterfactual.GetID() not in {n.GetID() for n in redrawn}
+    with pytest.raises(ValueError, match="Unknown colour map"):
+        logic.recolorResults(scene, "rainbow")
 
-    assert not torch.cuda.is_available()  # this test machine
-    assert CounterfactualVALogic.deviceDescription() == "No CUDA GPU detected: runs on the CPU"
 
-    class Properties:
-        name = "NVIDIA Test GPU"
-        total_memory = 24 * 1024**3
+def test_device_description_is_asked_of_the_child_python_without_importing_torch_here(monkeypatch):
+    """The panel's device line comes from a child process (torch and CUDA stay out of the GUI process)."""
+    from CounterfactualVALib.slicer_support import device_probe
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties())
-    assert CounterfactualVALogic().deviceDescription() == "GPU: NVIDIA Test GPU, 24.0 GiB"
-    monkeypatch.setitem(sys.modules, "torch", None)  # import torch fails
-    assert CounterfactualVALogic.deviceDescription() == "PyTorch not installed yet (installed on first Apply)"
+    monkeypatch.setattr(device_probe, "_CACHE", {})
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torch_here(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise AssertionError("torch imported in the GUI process")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch_here)
+    assert CounterfactualVALogic().deviceDescription() == "No CUDA GPU detected: runs on the CPU"  # this test machine
+    assert len(device_probe._CACHE) == 1  # asked once: a second panel reads the cached answer
+    probe = CounterfactualVALogic().deviceProbe()
+    assert probe._runner is None and probe.poll() == "No CUDA GPU detected: runs on the CPU"
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    assert device_probe.describe({"torch": "2.13", "cuda": True, "name": "NVIDIA Test GPU", "memory_gib": 24.0}) == "GPU: NVIDIA Test GPU, 24.0 GiB"
+    assert device_probe.describe({"torch": None}) == "PyTorch not installed yet (installed on first Apply)"
+    assert device_probe.describe({"torch": "2.13", "cuda": False, "error": "driver too old"}).startswith("No usable CUDA GPU (driver too old)")
 
 
 def _render_red_view(scene, size=96):
@@ -736,8 +765,10 @@ def test_ui_widgets_and_module_code_agree():
             if prop.get("name") == "SlicerParameterName":
                 bound[widget.get("name")] = prop.find("string").text
     parameters = set(re.findall(r"^        (\w+): ", source.split("class CounterfactualVAParameterNode")[1].split("else:")[0], re.M))
-    assert set(bound.values()) == parameters
+    assert set(bound.values()) == parameters - set(module.UNBOUND_PARAMETERS)
     assert bound["inputSelector"] == "inputVolume" and widgets["inputSelector"] == "qMRMLNodeComboBox"
+    # path parameters are text (an empty field stays "", never "."), bound by slicer_support's path connector
+    assert re.search(r"^        modelPath: str = \"\"$", source, re.M)
     assert widgets["modelPathLineEdit"] == "ctkPathLineEdit" and widgets["opacitySliderWidget"] == "ctkSliderWidget"
     assert widgets["progressBar"] == "QProgressBar" and widgets["logTextEdit"] == "QPlainTextEdit"
     # every custom widget class used is declared

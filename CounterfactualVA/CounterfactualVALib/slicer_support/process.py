@@ -32,7 +32,7 @@ import time
 from typing import Callable
 
 #: the module that `python -m` runs in the child (the library's command line)
-CLI_MODULE = "CounterfactualVALib.cli"
+CLI_MODULE = "CounterfactualVACLI"
 
 _PROGRESS = re.compile(r"^PROGRESS\s+([0-9.eE+-]+)\s*(.*)$")
 

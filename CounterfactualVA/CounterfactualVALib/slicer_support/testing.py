@@ -1,0 +1,68 @@
+"""What the modules' self-tests and the pytest suite build: a tiny model, an oblique volume, a scene set up
+like the application's (for slicer-core). Test helpers only; nothing in the modules' run path uses them."""
+
+from __future__ import annotations
+
+import slicer
+import vtk
+
+
+def make_tiny_model(path, spatialDims: int = 3, size: int = 16, seed: int = 0) -> str:
+    """A VANT-GAN model file with random weights (a valid file, not a good model); needs torch."""
+    import torch
+    from CounterfactualVALib.checkpoint import ModelMetadata, save_model
+    from CounterfactualVALib.methods import create_method
+    from CounterfactualVALib.preprocessing import PreprocessingConfig
+
+    torch.manual_seed(seed)
+    method = create_method("vantgan", spatialDims, {"ngf": 4, "n_blocks": 1, "ndf": 4}, training=False)
+    preprocessing = PreprocessingConfig(spatial_dims=spatialDims, size=(size,) * spatialDims, spacing=(3.0,) * spatialDims).to_dict()
+    metadata = ModelMetadata(
+        method="vantgan", method_config=method.config, preprocessing=preprocessing, networks=list(method.inference_networks),
+        outputs=list(method.outputs), training={"command": "self-test", "steps": 0, "data_summary": "no data (random weights)"},
+    )
+    return str(save_model(path, method.inference_state_dict(), metadata))
+
+def make_oblique_volume(scene, name="SelfTestMRI", shape=(20, 24, 22)):
+    """An anisotropic, oblique, off-origin scalar volume with a bright ellipsoid and an off-centre blob."""
+    import numpy as np
+
+    k, j, i = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    centre = [(n - 1) / 2 for n in shape]
+    r2 = sum(((g - c) / (0.38 * n)) ** 2 for g, c, n in zip((k, j, i), centre, shape))
+    array = np.where(r2 < 1, 100.0, 5.0).astype(np.float32)
+    array[((k - centre[0]) ** 2 + (j - centre[1] - 3) ** 2 + (i - centre[2] + 3) ** 2) < 6] += 80
+    array += np.random.default_rng(0).normal(0, 1, array.shape).astype(np.float32)
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    slicer.util.updateVolumeFromArray(node, array)
+    transform = vtk.vtkTransform()
+    transform.PostMultiply()
+    transform.Scale(1.2, 0.9, 2.5)
+    transform.RotateX(17)
+    transform.RotateZ(-28)
+    transform.Translate(-31.5, 14.25, 62.0)
+    node.SetIJKToRASMatrix(transform.GetMatrix())
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def make_scene():
+    """A scene set up the way the application sets one up, for slicer-core: default colour tables,
+    subject hierarchy logic and the three slice views' composite nodes."""
+    scene = slicer.vtkMRMLScene()
+    colorLogic = slicer.vtkMRMLColorLogic()
+    colorLogic.SetMRMLScene(scene)
+    subjectHierarchyLogic = slicer.vtkSlicerSubjectHierarchyModuleLogic()
+    subjectHierarchyLogic.SetMRMLScene(scene)
+    applicationLogic = slicer.vtkMRMLApplicationLogic()
+    applicationLogic.SetMRMLScene(scene)
+    sliceLogics = []
+    for viewName in ("Red", "Yellow", "Green"):
+        sliceLogic = slicer.vtkMRMLSliceLogic()
+        sliceLogic.SetMRMLScene(scene)
+        sliceLogic.SetMRMLApplicationLogic(applicationLogic)
+        sliceLogic.AddSliceNode(viewName)
+        sliceLogics.append(sliceLogic)
+    # Keep the logics alive as long as the scene object is used from Python.
+    scene._counterfactualVALogics = (colorLogic, subjectHierarchyLogic, applicationLogic, sliceLogics)
+    return scene
