@@ -37,8 +37,8 @@ import torch
 
 from CounterfactualVALib.atomic import atomic_path
 from CounterfactualVALib.checkpoint import read_metadata, save_model
-from CounterfactualVALib.inference import load_method, select_device
-from CounterfactualVALib.methods import create_method
+from CounterfactualVALib.inference import select_device
+from CounterfactualVALib.methods import create_method, load_method
 from CounterfactualVALib.preprocessing import PreprocessingConfig
 
 from .evaluation import (

@@ -202,7 +202,7 @@ def test_model_file_round_trip(synthetic_2d, tmp_path):
     assert series.GetNumberOfComponentsPerPixel() == 5 and series.GetSize() == image.GetSize()
     # the classifier travels inside the medXGAN model file: no classifier file needed at inference
     classifier.unlink()
-    from CounterfactualVALib.inference import load_method
+    from CounterfactualVALib.methods import load_method
 
     metadata, method = load_method(model, torch.device("cpu"))
     assert metadata.method_config["grid_shape"] == [32, 32]

@@ -1,8 +1,11 @@
-"""The Slicer panel's method options: specs generated from a model's metadata for every registered method,
+"""Method options: each method's declarations written into its model files, checked by the base class for
+every method, read back from the metadata (without torch) for the Slicer panel, listed by the command line,
 and the values read back from a form reaching the command line's `--option key=value` unchanged."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,14 +17,15 @@ if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
 
 pytest.importorskip("torch")
-from CounterfactualVALib import method_options
-from CounterfactualVALib.checkpoint import ModelMetadata, save_model
 from CounterfactualVACLI.cli import _key_values
+from CounterfactualVALib.checkpoint import ModelMetadata, read_metadata, save_model
 from CounterfactualVALib.method_options import (
+    FORM_TYPES,
     OptionSpec,
     collect_options,
-    option_specs,
+    config_specs_from_metadata,
     option_specs_for_model,
+    option_specs_from_metadata,
 )
 from CounterfactualVALib.methods import available_methods, get_method_class
 
@@ -46,21 +50,48 @@ def specs_by_name(method):
 
 
 @pytest.mark.parametrize("method", available_methods())
-def test_every_registered_method_gets_a_spec_per_option(method):
+def test_every_registered_method_writes_its_declarations_into_the_model_file(method, tmp_path):
     cls = get_method_class(method)
-    specs = option_specs_for_model(metadata_for(method))
-    assert [s.name for s in specs] == list(cls.attribute_options)  # the method's own order, nothing missing
-    assert method in method_options.DESCRIPTIONS, f"describe {method}'s options in method_options.DESCRIPTIONS"
-    for spec in specs:
-        assert spec.default == cls.attribute_options[spec.name] and spec.label and spec.tooltip
+    path = tiny_model_file(tmp_path / f"{method}.safetensors", method)
+    specs = option_specs_for_model(path)  # read back from the file's metadata
+    assert specs == list(cls.options)
+    assert [s.name for s in specs] == list(cls.attribute_options)
+    assert config_specs_from_metadata(read_metadata(path)) == list(cls.config_schema)
+    assert [s.name for s in cls.config_schema] == list(cls.default_config)
+    for spec in specs + list(cls.config_schema):
         assert spec.coerce(spec.default) == spec.default  # the default is a valid value of its own spec
-        assert spec.widget in ("QSpinBox", "QDoubleSpinBox", "QCheckBox", "QComboBox", "QLineEdit")
         if spec.type in ("int", "float") and spec.minimum is not None:
             assert spec.minimum <= spec.default <= spec.maximum
-    # what this module writes about the method agrees with the method (fallbacks are used without torch)
-    for name, described in method_options.DESCRIPTIONS[method].items():
-        assert name in cls.attribute_options, f"{method}: '{name}' is described but the method has no such option"
-        assert described.default == cls.attribute_options[name]
+    for spec in specs:
+        assert spec.type in FORM_TYPES and spec.label and spec.tooltip  # what a form row needs
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_every_method_refuses_unknown_options_and_bad_values_before_computing(method):
+    cls = get_method_class(method)
+
+    class Refuses(cls):  # same declarations; any computation would fail loudly
+        def attribute(self, x, **options):
+            raise AssertionError("attribute ran although its options were refused")
+
+    method_obj = Refuses.__new__(Refuses)  # no networks needed: the check comes first
+    with pytest.raises(ValueError, match=rf"{method}: unknown options \['bogus'\]"):
+        method_obj.attribute(None, bogus=1)
+    for spec in cls.options:
+        bad = {"int": 2.5, "float": "fast", "bool": "maybe", "choice": "nosuchchoice", "str": [1]}[spec.type]
+        with pytest.raises(ValueError, match=rf"{method}: {spec.name} must be"):
+            method_obj.attribute(None, **{spec.name: bad})
+
+
+def test_training_configuration_is_checked_with_the_key_named():
+    with pytest.raises(ValueError, match=r"vantgan: unknown configuration keys \['ngff'\]"):
+        get_method_class("vantgan").check_config({"ngff": 8})
+    with pytest.raises(ValueError, match="vantgan: ngf must be a whole number"):
+        get_method_class("vantgan").check_config({"ngf": 8.5})
+    with pytest.raises(ValueError, match="agcyclegan: gan_loss must be one of hinge, lsgan"):
+        get_method_class("agcyclegan").check_config({"gan_loss": "wasserstein"})
+    config = get_method_class("icam").check_config({"grid_size": [16, 16], "lambda_kl": 1})
+    assert config["grid_size"] == [16, 16] and config["lambda_kl"] == 1.0 and config["lr"] == 1e-4
 
 
 def test_icam_samples_and_direction():
@@ -70,7 +101,8 @@ def test_icam_samples_and_direction():
     assert specs["direction"].type == "choice" and specs["direction"].default == "to_normal"
     from CounterfactualVALib.methods.icam import _DIRECTIONS
 
-    assert specs["direction"].choices == _DIRECTIONS == method_options.ICAM_DIRECTIONS
+    assert specs["direction"].choices == _DIRECTIONS
+    assert specs["direction"].coerce("to-abnormal") == "to_abnormal"  # spellings the command line accepted before
     assert specs["seed"].advanced and specs["max_candidates"].advanced
     with pytest.raises(ValueError, match="at least|between"):
         specs["samples"].coerce(0)
@@ -81,7 +113,7 @@ def test_icam_samples_and_direction():
 def test_medxgan_inversion_steps():
     specs = specs_by_name("medxgan")
     assert specs["inversion_steps"].type == "int" and specs["inversion_steps"].default == 500
-    assert specs["inversion_steps"].widget == "QSpinBox" and not specs["inversion_steps"].advanced
+    assert specs["inversion_steps"].minimum == 1 and not specs["inversion_steps"].advanced
     assert specs["inversion_lr"].type == "float" and specs["inversion_lr"].advanced
     assert specs["seed"].advanced
 
@@ -89,7 +121,8 @@ def test_medxgan_inversion_steps():
 def test_classifier_explainer_is_a_choice():
     specs = specs_by_name("classifier")
     explainer = specs["explainer"]
-    assert explainer.type == "choice" and explainer.widget == "QComboBox" and explainer.default == "gradcam"
+    assert explainer.type == "choice" and explainer.default == "gradcam"
+    assert explainer.coerce("ig") == "integrated_gradients" and explainer.coerce("Grad-CAM") == "gradcam"
     assert {"gradcam", "integrated_gradients", "occlusion", "cam"} == set(explainer.choices)
     from CounterfactualVALib.methods.classifier import _TARGETS, EXPLAINERS
 
@@ -119,19 +152,39 @@ def test_specs_from_a_model_file_and_from_the_logic(tmp_path):
         logic.methodOptionSpecs(tmp_path / "broken.safetensors")
 
 
-def test_fallback_without_the_method_module_and_unknown_methods(monkeypatch):
-    monkeypatch.setattr(method_options, "method_defaults", lambda method: None)  # as before torch is installed
-    specs = {s.name: s for s in option_specs("icam")}
-    assert specs["samples"].default == 20 and specs["direction"].choices == method_options.ICAM_DIRECTIONS
-    with pytest.raises(ValueError, match="Unknown method"):
-        option_specs("nosuchmethod")
+def test_model_files_without_declarations_fall_back_to_the_method_class():
+    metadata = metadata_for("icam").to_dict()
+    assert metadata["attribute_options"] is None  # as in files written before the declarations were stored
+    assert option_specs_from_metadata(metadata) == list(get_method_class("icam").options)
 
 
-def test_options_the_module_does_not_describe_are_inferred():
-    specs = {s.name: s for s in option_specs("medxgan", defaults={"inversion_steps": 500, "z1_start": "zeros", "fast": False, "scale": 0.5, "seed": 3})}
-    assert specs["z1_start"].type == "str" and specs["z1_start"].default == "zeros"
-    assert specs["fast"].type == "bool" and specs["scale"].type == "float"
-    assert specs["seed"].type == "int" and specs["seed"].advanced and specs["seed"].default == 3
+def test_specs_are_read_from_metadata_without_torch_or_the_method():
+    """The Slicer form reads a model's options before torch is installed, even for a method it does not know."""
+    spec = OptionSpec("depth", "int", 3, "Depth", "How deep.", minimum=1, maximum=9)
+    metadata = {"method": "not_in_this_version", "attribute_options": [spec.to_dict()]}
+    code = (
+        "import json, sys; sys.modules['torch'] = None\n"  # any torch import now fails
+        "from CounterfactualVALib.method_options import option_specs_from_metadata, collect_options\n"
+        f"specs = option_specs_from_metadata(json.loads({json.dumps(json.dumps(metadata))}))\n"
+        "print(json.dumps([specs[0].name, specs[0].maximum, collect_options(specs, {'depth': 5.0})]))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=MODULE_DIR)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == ["depth", 9, {"depth": 5}]
+
+
+def test_cli_lists_methods_and_their_declarations():
+    from CounterfactualVACLI.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--method", "nosuchmethod", "--data", "d.csv", "--out", "o"])
+    train = next(a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions if a.dest == "method")
+    assert list(train.choices) == available_methods()
+    result = subprocess.run([sys.executable, "-m", "CounterfactualVACLI", "methods", "icam"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "samples = 20  (int in [1, 1000])" in result.stdout
+    assert "direction = 'to_normal'  (to_normal|to_abnormal|auto)" in result.stdout
+    assert "lambda_kl = 0.01  (float)" in result.stdout and "grid_size = None  (list, or none)" in result.stdout
 
 
 @pytest.mark.parametrize("method", available_methods())
@@ -168,7 +221,7 @@ def test_values_collected_from_the_form_round_trip_into_the_command(method):
 
 
 def test_collect_options_checks_values():
-    specs = option_specs("icam")
+    specs = list(get_method_class("icam").options)
     assert collect_options(specs, {"samples": 5.0, "direction": "auto"}) == {"samples": 5, "direction": "auto"}
     with pytest.raises(ValueError, match="whole number"):
         collect_options(specs, {"samples": 2.5})

@@ -1,4 +1,4 @@
-"""`counterfactualva` command line: attribute, train, generate, evaluate, protocol, info.
+"""`counterfactualva` command line: attribute, train, generate, evaluate, protocol, methods, info.
 
 The Slicer module runs `python -m CounterfactualVACLI attribute ... --progress` in a subprocess and
 reads `PROGRESS <fraction> <stage>` lines from stdout; a failure ends with exit code 2 (bad input) or 1
@@ -140,6 +140,28 @@ def cmd_protocol(args) -> int:
     return 0
 
 
+def cmd_methods(args) -> int:
+    """Each registered method's attribution options and training configuration keys, from its declarations."""
+    from CounterfactualVALib.methods import available_methods, get_method_class
+
+    names = args.method or available_methods()
+    for name in names:
+        cls = get_method_class(name)
+        print(f"{name}: {cls.title or cls.__name__}")
+        print("  attribute options (--option KEY=VALUE):")
+        for spec in cls.options or ():
+            print(f"    {spec.describe()}")
+        if not cls.options:
+            print("    (none)")
+        print("  training configuration (train --config KEY=VALUE):")
+        for spec in cls.config_schema:
+            print(f"    {spec.describe()}")
+        if cls.training_defaults:
+            print(f"  training defaults: {json.dumps(cls.training_defaults)}")
+        print()
+    return 0
+
+
 def cmd_info(args) -> int:
     from CounterfactualVALib.checkpoint import read_metadata
 
@@ -148,6 +170,9 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from CounterfactualVALib.methods import available_methods
+
+    methods = available_methods()
     parser = argparse.ArgumentParser(prog="counterfactualva", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -164,8 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="machine-readable PROGRESS lines on stdout")
     p.set_defaults(func=cmd_attribute)
 
-    p = sub.add_parser("train", help="train a model on a cohort CSV (path,label[,mask,subtype,split])")
-    p.add_argument("--method", required=True)
+    p = sub.add_parser(
+        "train", help="train a model on a cohort CSV (path,label[,mask,subtype,split])",
+        epilog="`counterfactualva methods` lists each method's configuration keys (--config) with defaults and ranges.",
+    )
+    p.add_argument("--method", required=True, choices=methods, help="one of: %(choices)s")
     p.add_argument("--data", required=True, help="cohort CSV")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.csv, tensorboard/, model.safetensors")
     p.add_argument("--steps", type=int, default=1000)
@@ -220,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (default: runs/<protocol file name>); finished stages are reused")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_protocol)
+
+    p = sub.add_parser("methods", help="list the methods with their attribute options and training configuration keys")
+    p.add_argument("method", nargs="*", help=f"only these methods (default: all of {', '.join(methods)})")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("info", help="print a model file's metadata (no weights are loaded)")
     p.add_argument("model")

@@ -41,6 +41,10 @@ class ModelMetadata:
     outputs: list = field(default_factory=list)
     training: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
+    #: the method's declarations (lists of OptionSpec.to_dict()), filled in by save_model: what `attribute`
+    #: accepts and the training configuration keys, readable without torch or the method's code
+    attribute_options: list | None = None
+    config_schema: list | None = None
     package_version: str = __version__
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
@@ -77,6 +81,14 @@ def save_model(path: str | os.PathLike, tensors: dict, metadata: ModelMetadata) 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}
+    if metadata.attribute_options is None or metadata.config_schema is None:
+        from .methods import get_method_class
+
+        cls = get_method_class(metadata.method)
+        if metadata.attribute_options is None:
+            metadata.attribute_options = [spec.to_dict() for spec in cls.options]
+        if metadata.config_schema is None:
+            metadata.config_schema = [spec.to_dict() for spec in cls.config_schema]
     metadata.weights_sha256 = weights_digest(tensors)
     header = {METADATA_KEY: json.dumps(metadata.to_dict(), sort_keys=True)}
     with atomic_path(path, suffix=".safetensors") as tmp:

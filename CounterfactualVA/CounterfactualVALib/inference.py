@@ -22,8 +22,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
-from .checkpoint import ModelMetadata, load_model_file, read_metadata
+from .checkpoint import ModelMetadata, read_metadata
 from .imageio import InputError, image_extension, image_from_array, read_image, validate_image, write_image
+from .method_options import check_values, option_specs_from_metadata
+from .methods import load_method
 from .metrics import threshold_map
 from .preprocessing import PreprocessingConfig, head_mask, preprocess, to_input_grid
 
@@ -44,21 +46,6 @@ def select_device(requested: str = "auto"):
     if requested == "cuda":
         raise InputError("CUDA was requested but no CUDA GPU is available to PyTorch here. Use --device cpu (or auto).")
     return torch.device("cpu"), "CPU (no CUDA GPU found)"
-
-
-def load_method(model_path: str | os.PathLike, device, expected_method: str | None = None):
-    from .methods import create_method
-
-    metadata, tensors = load_model_file(model_path, expected_method)
-    method = create_method(metadata.method, metadata.spatial_dims, metadata.method_config, training=False)
-    try:
-        method.load_inference_state_dict(tensors)
-    except RuntimeError as exc:
-        raise InputError(
-            f"{model_path}: its weights do not fit the {metadata.method} networks described in its metadata ({str(exc)[:200]}). "
-            "The file was edited or written by an incompatible version."
-        ) from None
-    return metadata, method.to(device).eval()
 
 
 def output_names(input_path: str | os.PathLike, file_ext: str | None = None) -> tuple[str, str]:
@@ -99,6 +86,7 @@ def run_attribution(
 
     progress(0.02, "Checking model file")
     metadata = read_metadata(model_path)
+    check_values(metadata.method, "options", option_specs_from_metadata(metadata), method_options or {})  # before any work
     config = PreprocessingConfig.from_dict(metadata.preprocessing)
     progress(0.05, "Reading input")
     # Validated once here (a one-slice 3D file becomes 2D for a 2D model); outputs take this image's grid.

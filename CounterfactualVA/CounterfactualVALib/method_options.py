@@ -1,69 +1,89 @@
-"""What a model's method accepts at attribution time, described for a user interface (no Qt, no weights).
+"""Option declarations: what a method accepts at attribution time and in its training configuration.
 
-A model file names its method (metadata read without loading tensors); the method class lists its
-``attribute_options`` with defaults. :func:`option_specs` turns them into :class:`OptionSpec` objects: type,
-default, choices or range, a label and a tooltip, and whether the option matters only for development
-(``advanced``: seeds, optimiser details). The Slicer panel builds one form row per spec, and
-:func:`collect_options` turns the values it reads back into the ``method_options`` of
-``counterfactualva attribute --option key=value``.
-
-Labels, ranges and choices are written here per method; defaults always come from the method class (the
-tests check that every registered method's options are described and that the fallback defaults below,
-used only when the method cannot be imported, e.g. before torch is installed in Slicer, agree with it).
-Options a method adds later without an entry here still get a spec, inferred from the default's type.
+Each method class declares its attribution options as :class:`OptionSpec` objects (``Method.options``) and
+may refine the spec of a configuration key (``Method.config_specs``; keys it leaves out get a spec inferred
+from ``default_config``). The base class checks every call against them, the model file's metadata carries
+them (``attribute_options``, ``config_schema``: lists of :meth:`OptionSpec.to_dict`), and user interfaces
+read them back from there with :func:`option_specs_from_metadata`, so the Slicer panel needs neither torch
+nor the method's code to build its form. This module imports no torch.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-TYPES = ("int", "float", "bool", "choice", "str")
-
-#: ICAM translation directions and classifier explainers / targets (mirrors of the method modules' tuples,
-#: kept here so the panel needs no torch; Testing/test_method_options.py checks they agree)
-ICAM_DIRECTIONS = ("to_normal", "to_abnormal", "auto")
-CLASSIFIER_EXPLAINERS = ("cam", "gradcam", "integrated_gradients", "occlusion")
-CLASSIFIER_TARGETS = ("abnormal", "normal")
-OCCLUSION_MODES = ("mean_img", "mean_patch", "gaussian")
+#: form types ("int", "float", "bool", "choice", "str") and the configuration-only "list" and "any"
+FORM_TYPES = ("int", "float", "bool", "choice", "str")
+TYPES = FORM_TYPES + ("list", "any")
 
 INT_LIMIT = 2**31 - 1
 
 
 @dataclass(frozen=True)
 class OptionSpec:
-    """One attribution option as a form row: ``type`` is one of :data:`TYPES`; ``minimum``/``maximum`` bound
-    int and float values, ``choices`` lists a choice's values; ``advanced`` options matter only for
-    development or reproducibility and may be hidden."""
+    """One option: ``type`` is one of :data:`TYPES`; ``minimum``/``maximum`` bound int and float values,
+    ``choices`` lists a choice's values (``aliases``: other spellings accepted for them, as pairs);
+    ``tooltip`` is the help text; ``advanced`` options matter only for development or reproducibility and
+    may be hidden; ``nullable`` accepts None (a configuration key filled in later, e.g. from the data)."""
 
     name: str
     type: str
     default: Any
-    label: str
-    tooltip: str
+    label: str = ""
+    tooltip: str = ""
     choices: tuple = ()
     minimum: float | None = None
     maximum: float | None = None
     step: float | None = None
     decimals: int | None = None
     advanced: bool = False
+    aliases: tuple = ()
+    nullable: bool = False
 
     def __post_init__(self):
         if self.type not in TYPES:
             raise ValueError(f"option {self.name}: unknown type {self.type!r} (one of {', '.join(TYPES)})")
+        if not self.label:
+            object.__setattr__(self, "label", self.name.replace("_", " ").capitalize())
+        object.__setattr__(self, "choices", tuple(self.choices))
+        object.__setattr__(self, "aliases", tuple(tuple(pair) for pair in self.aliases))
         if self.type == "choice" and self.default not in self.choices:
             raise ValueError(f"option {self.name}: default {self.default!r} is not among {self.choices}")
 
-    @property
-    def widget(self) -> str:
-        """The Qt widget class that edits this option."""
-        return {"int": "QSpinBox", "float": "QDoubleSpinBox", "bool": "QCheckBox", "choice": "QComboBox", "str": "QLineEdit"}[self.type]
+    def to_dict(self) -> dict:
+        """JSON-ready (written into the model file's metadata)."""
+        data = asdict(self)
+        data["choices"] = list(self.choices)
+        data["aliases"] = [list(pair) for pair in self.aliases]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "OptionSpec":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def describe(self) -> str:
+        """One line for the command line's listing: type, default, range or choices, help."""
+        kind = self.type
+        if self.type == "choice":
+            kind = "|".join(map(str, self.choices))
+        elif self.type in ("int", "float") and (self.minimum is not None or self.maximum is not None):
+            low = "" if self.minimum is None else _number(self.minimum)
+            high = "" if self.maximum is None else _number(self.maximum)
+            kind = f"{self.type} in [{low}, {high}]"
+        text = f"{self.name} = {self.default!r}  ({kind}{', or none' if self.nullable else ''})"
+        return f"{text}  {self.tooltip}".rstrip()
 
     def coerce(self, value) -> Any:
-        """`value` converted to this option's type and checked; ValueError says what is wrong."""
-        what = f"{self.label} ({self.name})"
+        """`value` converted to this option's type and checked; ValueError names the option and what is wrong."""
+        what = self.name
+        if value is None and (self.nullable or self.type == "any"):
+            return None
+        if self.type == "any":
+            return value
         if self.type == "bool":
             if isinstance(value, str):
                 if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -73,10 +93,21 @@ class OptionSpec:
         if self.type == "choice":
             text = str(value)
             if text not in self.choices:
+                text = text.lower().replace("-", "_")
+                text = dict(self.aliases).get(text, text)
+            if text not in self.choices:
                 raise ValueError(f"{what} must be one of {', '.join(map(str, self.choices))}, got {value!r}.")
             return text
         if self.type == "str":
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError(f"{what} must be text, got {value!r}.")
             return str(value)
+        if self.type == "list":
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"{what} must be a list, e.g. {list(self.default or [1, 2])}, got {value!r}.")
+            return list(value)
+        if isinstance(value, bool):
+            raise ValueError(f"{what} must be a number, got {value!r}.")
         try:
             number = float(value)
         except (TypeError, ValueError):
@@ -88,164 +119,92 @@ class OptionSpec:
                 raise ValueError(f"{what} must be a whole number, got {value!r}.")
             number = int(number)
         if self.minimum is not None and number < self.minimum or self.maximum is not None and number > self.maximum:
-            raise ValueError(f"{what} must be between {self.minimum:g} and {self.maximum:g}, got {value!r}.")
+            low = "-inf" if self.minimum is None else _number(self.minimum)
+            high = "inf" if self.maximum is None else _number(self.maximum)
+            raise ValueError(f"{what} must be between {low} and {high}, got {value!r}.")
         return number
 
 
-def _describe(type: str, label: str, tooltip: str, fallback: Any, **limits) -> OptionSpec:
-    """What this module writes about one option, as an unnamed spec: `fallback` is the default used only when
-    the method cannot be imported; :func:`option_specs` fills in the name and the method's own default."""
-    return OptionSpec(name="", type=type, default=fallback, label=label, tooltip=tooltip, **limits)
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-_SEED = _describe("int", "Random seed", "Seed of the random draws (same seed, same result).", 0, minimum=0, maximum=INT_LIMIT, advanced=True)
-
-#: method name -> option name -> description; an empty dict: the method takes no options
-DESCRIPTIONS: dict[str, dict[str, OptionSpec]] = {
-    "vantgan": {},
-    "antgan": {},
-    "vagan": {},
-    "agcyclegan": {},
-    "icam": {
-        "samples": _describe(
-            "int", "Latent samples",
-            "Attribute codes drawn from the target class; the map is the first translation, icam_mean / icam_std "
-            "summarise all of them (more samples: steadier mean and std, longer run).", 20, minimum=1, maximum=1000,
-        ),
-        "direction": _describe(
-            "choice", "Direction",
-            "to_normal: translate the scan to the normal class (its healthy counterpart); to_abnormal: the other "
-            "way; auto: towards the class the classifier does not predict.", "to_normal", choices=ICAM_DIRECTIONS,
-        ),
-        "p_accept": _describe(
-            "float", "Acceptance probability",
-            "A drawn code is kept when the latent classifier gives it at least this probability of the target "
-            "class (rejection sampling); when too few pass, the most probable ones are used.", 0.9,
-            minimum=0.0, maximum=1.0, step=0.05, decimals=3, advanced=True,
-        ),
-        "max_candidates": _describe(
-            "int", "Maximum candidates", "At most this many codes are drawn while looking for accepted ones.", 20000,
-            minimum=1, maximum=10_000_000, advanced=True,
-        ),
-        "seed": _SEED,
-    },
-    "medxgan": {
-        "inversion_steps": _describe(
-            "int", "Inversion steps",
-            "Adam steps that fit the generator's latent codes to the scan (paper: 500); fewer: faster, "
-            "coarser reconstruction (its MSE is reported as inversion_mse).", 500, minimum=1, maximum=100_000,
-        ),
-        "inversion_lr": _describe(
-            "float", "Inversion learning rate", "Adam learning rate of the latent inversion.", 0.01,
-            minimum=1e-6, maximum=10.0, step=0.001, decimals=6, advanced=True,
-        ),
-        "ig_steps": _describe(
-            "int", "Integrated-gradient steps", "Steps of the latent integrated gradients (medxgan_lig).", 11,
-            minimum=2, maximum=1000,
-        ),
-        "interpolation_frames": _describe(
-            "int", "Interpolation frames", "Frames of the latent interpolation series from the negative to the scan.", 11,
-            minimum=2, maximum=200,
-        ),
-        "seed": _SEED,
-    },
-    "classifier": {
-        "explainer": _describe(
-            "choice", "Explainer",
-            "cam: class activation map; gradcam: Grad-CAM; integrated_gradients: from a constant baseline image; "
-            "occlusion: change of the log-odds when a patch is occluded.", "gradcam", choices=CLASSIFIER_EXPLAINERS,
-        ),
-        "target": _describe(
-            "choice", "Explained class", "abnormal: positive = evidence for abnormal; normal: the sign flipped.", "abnormal",
-            choices=CLASSIFIER_TARGETS,
-        ),
-        "ig_steps": _describe(
-            "int", "Integrated-gradient steps", "Interpolation steps from the baseline (integrated_gradients only).", 50,
-            minimum=1, maximum=2000,
-        ),
-        "ig_baseline": _describe(
-            "float", "IG baseline value", "Constant baseline image in model intensities, -1 = the background (integrated_gradients only).",
-            -1.0, minimum=-10.0, maximum=10.0, step=0.1, decimals=3, advanced=True,
-        ),
-        "occlusion_mask_size": _describe(
-            "int", "Occlusion patch size", "Side of the occluded patch in model voxels; 0: automatic (occlusion only).", 0,
-            minimum=0, maximum=512,
-        ),
-        "occlusion_overlap": _describe(
-            "float", "Occlusion overlap", "Overlap of neighbouring patches, 0 to below 1 (occlusion only).", 0.5,
-            minimum=0.0, maximum=0.95, step=0.05, decimals=2, advanced=True,
-        ),
-        "occlusion_mode": _describe(
-            "choice", "Occlusion fill", "What fills the occluded patch: the image mean, the patch mean, or a Gaussian blur (occlusion only).",
-            "mean_img", choices=OCCLUSION_MODES, advanced=True,
-        ),
-    },
-}
-
-
-def _label(name: str) -> str:
-    return name.replace("_", " ").capitalize()
-
-
-def _inferred(name: str, default) -> OptionSpec:
-    """A description for an option this module does not know, from its default's type."""
-    tooltip = f"Method option '{name}' (default {default!r})."
+def inferred_spec(name: str, default: Any) -> OptionSpec:
+    """The spec of a configuration key a method does not describe, from its default's type."""
     if isinstance(default, bool):
-        return _describe("bool", _label(name), tooltip, default)
+        return OptionSpec(name, "bool", default)
     if isinstance(default, int):
-        return _describe("int", _label(name), tooltip, default, minimum=-INT_LIMIT, maximum=INT_LIMIT, advanced=name == "seed")
+        return OptionSpec(name, "int", default)
     if isinstance(default, float):
-        return _describe("float", _label(name), tooltip, default, minimum=-1e9, maximum=1e9, decimals=6)
-    return _describe("str", _label(name), tooltip, "" if default is None else str(default))
+        return OptionSpec(name, "float", default)
+    if isinstance(default, str):
+        return OptionSpec(name, "str", default)
+    if isinstance(default, (list, tuple)):
+        return OptionSpec(name, "list", list(default))
+    return OptionSpec(name, "any", default)
 
 
-def method_defaults(method: str) -> dict | None:
-    """The method class's ``attribute_options`` (imports the method module, hence torch); None when it
-    cannot be imported."""
+def config_schema(default_config: dict, described: tuple = ()) -> tuple[OptionSpec, ...]:
+    """One spec per key of `default_config`, in its order: the method's own description when it has one."""
+    by_name = {spec.name: spec for spec in described}
+    extra = set(by_name) - set(default_config)
+    if extra:
+        raise ValueError(f"config_specs describe keys that default_config lacks: {sorted(extra)}")
+    return tuple(by_name.get(name) or inferred_spec(name, default) for name, default in default_config.items())
+
+
+def check_values(owner: str, kind: str, specs, values: dict) -> dict:
+    """`values` checked against `specs` (unknown names and bad values refused, the name in the message)
+    and completed with the defaults."""
+    by_name = {spec.name: spec for spec in specs}
+    unknown = sorted(set(values) - set(by_name))
+    if unknown:
+        raise ValueError(f"{owner}: unknown {kind} {unknown}; known: {sorted(by_name) or 'none'}")
+    checked = {name: spec.default for name, spec in by_name.items()}
+    for name, value in values.items():
+        try:
+            checked[name] = by_name[name].coerce(value)
+        except ValueError as exc:
+            raise ValueError(f"{owner}: {exc}") from None
+    return checked
+
+
+def option_specs_from_metadata(metadata) -> list[OptionSpec]:
+    """The attribution options of a model, from its metadata (a ``ModelMetadata`` or its dict) alone.
+
+    Model files written before options were part of the metadata fall back to the registered method class
+    (which needs torch); without it they get no options."""
+    data = metadata if isinstance(metadata, dict) else metadata.to_dict()
+    if data.get("attribute_options") is not None:
+        return [OptionSpec.from_dict(d) for d in data["attribute_options"]]
     try:
         from .methods import get_method_class
 
-        return dict(get_method_class(method).attribute_options)
+        return list(get_method_class(data["method"]).options)
     except ImportError:
-        return None
+        return []
 
 
-def option_specs(method: str, defaults: dict | None = None) -> list[OptionSpec]:
-    """Form rows for `method`'s attribution options, in the method's own order (then options only described
-    here). `defaults` (name -> default) overrides the method class's ``attribute_options``; without them and
-    when the method cannot be imported, the defaults written here are used."""
-    if defaults is None:
-        defaults = method_defaults(method)  # ValueError for a method the registry does not know
-    described = DESCRIPTIONS.get(method)
-    if defaults is None:
-        if described is None:
-            raise ValueError(f"Unknown method {method!r}: the model file was written for a method this version does not have.")
-        defaults = {name: d.default for name, d in described.items()}
-    described = described or {}
-    specs = []
-    for name, default in defaults.items():
-        d = described.get(name) or _inferred(name, default)
-        if d.type == "choice" and default not in d.choices:
-            d = _describe("str", d.label, d.tooltip, default, advanced=d.advanced)
-        if d.type == "int" and isinstance(default, float):
-            d = _describe("float", d.label, d.tooltip, default, minimum=d.minimum, maximum=d.maximum, advanced=d.advanced)
-        tooltip = f"{d.tooltip} Default: {default!r}."
-        specs.append(replace(d, name=name, default="" if default is None and d.type == "str" else default, tooltip=tooltip))
-    return specs
+def config_specs_from_metadata(metadata) -> list[OptionSpec]:
+    """The training configuration keys of a model's method, from its metadata (same fallback as above)."""
+    data = metadata if isinstance(metadata, dict) else metadata.to_dict()
+    if data.get("config_schema") is not None:
+        return [OptionSpec.from_dict(d) for d in data["config_schema"]]
+    try:
+        from .methods import get_method_class
+
+        return list(get_method_class(data["method"]).config_schema)
+    except ImportError:
+        return []
 
 
 def option_specs_for_model(model) -> list[OptionSpec]:
-    """Option specs for a model file path (metadata only, no weights) or a ``ModelMetadata``/dict with a
-    ``method``."""
+    """Option specs for a model file path (metadata only, no weights) or a ``ModelMetadata``/dict."""
     if isinstance(model, (str, os.PathLike)):
         from .checkpoint import read_metadata
 
-        method = read_metadata(model).method
-    elif isinstance(model, dict):
-        method = model["method"]
-    else:
-        method = model.method
-    return option_specs(method)
+        model = read_metadata(model)
+    return option_specs_from_metadata(model)
 
 
 def collect_options(specs: list[OptionSpec], values: dict, only_changed: bool = True) -> dict:
@@ -266,12 +225,13 @@ def collect_options(specs: list[OptionSpec], values: dict, only_changed: bool = 
 
 
 __all__ = [
-    "CLASSIFIER_EXPLAINERS",
-    "DESCRIPTIONS",
-    "ICAM_DIRECTIONS",
+    "FORM_TYPES",
     "OptionSpec",
+    "check_values",
     "collect_options",
-    "method_defaults",
-    "option_specs",
+    "config_schema",
+    "config_specs_from_metadata",
+    "inferred_spec",
     "option_specs_for_model",
+    "option_specs_from_metadata",
 ]

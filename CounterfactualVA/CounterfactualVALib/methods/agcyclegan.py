@@ -32,6 +32,7 @@ from torch import nn
 
 from ..networks import ImagePool, PatchGANDiscriminator, ResNetGenerator, init_normal_weights, linear_decay_schedule
 from ..networks.attention import AttentionNetwork
+from ..method_options import OptionSpec
 from .base import AttributionResult, Method, TrainingContext
 
 
@@ -43,10 +44,8 @@ def compose(x: torch.Tensor, translated: torch.Tensor, attention: torch.Tensor) 
 class AttentionCycleGAN(Method):
     name = "agcyclegan"
     title = "Attention-guided CycleGAN"
-    paper = "Attention-guided CycleGAN for explaining CNN diagnosis (ag-cyclegan.txt); Mejjati et al. 2018"
     outputs = ("counterfactual", "attribution", "mask", "attention")
     inference_networks = ("a2n", "att_a2n")
-    attribute_options: dict = {}
     map_description = (
         "counterfactual minus input = A(x) * (G(x) - x): attention-masked abnormal-to-normal translation difference"
     )
@@ -68,6 +67,9 @@ class AttentionCycleGAN(Method):
         "attention_freeze_fraction": 0.3,
         "attention_threshold": 0.1,
     }
+    config_specs = (
+        OptionSpec("gan_loss", "choice", "hinge", tooltip="adversarial loss: hinge (SA-GAN) or lsgan (least squares)", choices=("hinge", "lsgan")),
+    )
     training_defaults = {"batch_size": 1}
 
     def __init__(self, spatial_dims: int, config: dict | None = None, training: bool = False):

@@ -13,7 +13,6 @@ from .cyclegan import CycleTranslationMethod
 class ANTGAN(CycleTranslationMethod):
     name = "antgan"
     title = "ANT-GAN"
-    paper = "Abnormal-to-normal translation GAN (baseline in vant-gan.txt)"
     normal_generator = "a2n"
     normal_generator_activation = "tanh"
     inference_networks = ("a2n",)

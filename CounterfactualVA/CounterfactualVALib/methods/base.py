@@ -1,9 +1,13 @@
 """What every method provides, for inference and for the shared training loop.
 
 A method is one module: its networks, its training step (losses and optimizer updates), and its
-attribution. The training library drives `training_step` from one loop for all methods (data, AMP,
-checkpoints, resume, logs, DDP); the inference pipeline calls `attribute`. Adding a method is adding one
-file and one line in :mod:`CounterfactualVALib.methods`.
+attribution, and the declarations of what it accepts (``options`` at attribution time, ``default_config`` and
+``config_specs`` for training: :class:`~CounterfactualVALib.method_options.OptionSpec`). The training library
+drives `training_step` from one loop for all methods (data, AMP, checkpoints, resume, logs, DDP); the inference
+pipeline calls `attribute`. The base class checks every configuration and every `attribute` call against the
+declarations before any computation. Adding a method is adding one file and one line in the registry
+(:mod:`CounterfactualVALib.methods`), or :func:`~CounterfactualVALib.methods.register_method` for a class
+defined elsewhere.
 
 Tensors are (batch, channel, *spatial) on the model grid, intensities in [-1, 1].
 """
@@ -11,11 +15,14 @@ Tensors are (batch, channel, *spatial) on the model grid, intensities in [-1, 1]
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from ..method_options import OptionSpec, check_values, config_schema
 
 
 @dataclass
@@ -94,31 +101,57 @@ class Method:
 
     name: str = ""
     title: str = ""
-    paper: str = ""
     #: what `attribute` can produce, so a user interface offers exactly that
     outputs: tuple[str, ...] = ("counterfactual", "attribution", "mask")
     #: networks kept in the model file
     inference_networks: tuple[str, ...] = ()
-    #: options `attribute` accepts, with defaults (shown by the Slicer panel / CLI)
-    attribute_options: dict[str, Any] = {}
+    #: options `attribute` accepts (type, default, range or choices, help): checked before every call, written
+    #: into the model file, shown by the Slicer panel and `counterfactualva methods`
+    options: tuple[OptionSpec, ...] = ()
+    #: training configuration keys with their defaults; `config_specs` describes those that need more than
+    #: their default's type (a range, choices, help); together they give `config_schema`
     default_config: dict[str, Any] = {}
+    config_specs: tuple[OptionSpec, ...] = ()
+    #: derived from the declarations above by the base class (do not set): name -> default, and all config specs
+    attribute_options: dict[str, Any] = {}
+    config_schema: tuple[OptionSpec, ...] = ()
     #: training defaults the loop uses unless overridden (steps, batch size, ...)
     training_defaults: dict[str, Any] = {}
     map_description: str = "counterfactual minus input"
     #: whether training on patches (cropped at one position in both domains) is meaningful: every network
     #: fully convolutional and free of image-wide statistics, so the whole volume can be processed at inference
     supports_patches: bool = False
-    #: which class the batch must provide for training: "unpaired" gives {"normal", "abnormal"} images
-    batch_kind: str = "unpaired"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "attribute_options" in cls.__dict__:
+            raise TypeError(f"{cls.__name__}: declare attribution options as `options = (OptionSpec(...), ...)`, not attribute_options")
+        cls.attribute_options = {spec.name: spec.default for spec in cls.options}
+        cls.config_schema = config_schema(cls.default_config, cls.config_specs)
+        attribute = cls.__dict__.get("attribute")
+        if attribute is not None and not getattr(attribute, "checks_options", False):
+
+            @functools.wraps(attribute)
+            def checked_attribute(self, x, **options):
+                return attribute(self, x, **self.check_options(options))
+
+            checked_attribute.checks_options = True
+            cls.attribute = checked_attribute
+
+    @classmethod
+    def check_options(cls, options: dict) -> dict:
+        """Attribution options checked against `options` (unknown names and bad values refused, the option
+        named) and completed with the defaults."""
+        return check_values(cls.name, "options", cls.options, options)
+
+    @classmethod
+    def check_config(cls, config: dict | None) -> dict:
+        """A training configuration checked against `config_schema` and completed with the defaults."""
+        return check_values(cls.name, "configuration keys", cls.config_schema, config or {})
 
     def __init__(self, spatial_dims: int, config: dict | None = None, training: bool = False):
-        unknown = set(config or {}) - set(self.default_config)
-        if unknown:
-            raise ValueError(
-                f"{self.name}: unknown configuration keys {sorted(unknown)}; known: {sorted(self.default_config)}"
-            )
         self.spatial_dims = spatial_dims
-        self.config = {**self.default_config, **(config or {})}
+        self.config = self.check_config(config)
         self.training = training
         self.networks = nn.ModuleDict(self.build_networks(training))
         self.stateful: dict[str, Any] = {}  # e.g. image pools: saved with training checkpoints
@@ -177,7 +210,3 @@ class Method:
     def validation_map(self, x: torch.Tensor) -> torch.Tensor:
         """The map used for model selection (NCC/Dice against ground truth on held-out subjects)."""
         return self.attribute(x).attribution
-
-    def parameter_count(self, inference_only: bool = False) -> int:
-        names = self.inference_networks if inference_only else list(self.networks.keys())
-        return sum(p.numel() for n in names for p in self.networks[n].parameters())

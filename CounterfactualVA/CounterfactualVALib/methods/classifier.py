@@ -49,10 +49,12 @@ import torch.nn.functional as F
 
 from ..networks import init_normal_weights
 from ..networks.classifier import ConvClassifier, LogOdds
+from ..method_options import OptionSpec
 from .base import AttributionResult, Method, TrainingContext
 
 EXPLAINERS = ("cam", "gradcam", "integrated_gradients", "occlusion")
 _TARGETS = {"abnormal": 1, "normal": 0}
+OCCLUSION_MODES = ("mean_img", "mean_patch", "gaussian")
 
 _EXPLAINER_DESCRIPTIONS = {
     "cam": "CAM (class activation map of the log-odds, MONAI CAM, linearly upsampled)",
@@ -81,18 +83,42 @@ def integrated_gradients(classifier: torch.nn.Module, x: torch.Tensor, class_idx
 class ClassifierBaseline(Method):
     name = "classifier"
     title = "Classifier saliency (CAM / Grad-CAM / integrated gradients / occlusion)"
-    paper = "CAM and Grad-CAM baselines of vant-gan.txt section 5; integrated gradients and occlusion as in medxgan.txt"
     outputs = ("attribution", "mask", "class_probability")
     inference_networks = ("classifier",)
-    attribute_options = {
-        "explainer": "gradcam",
-        "target": "abnormal",
-        "ig_steps": 50,
-        "ig_baseline": -1.0,
-        "occlusion_mask_size": 0,
-        "occlusion_overlap": 0.5,
-        "occlusion_mode": "mean_img",
-    }
+    options = (
+        OptionSpec(
+            "explainer", "choice", "gradcam", "Explainer",
+            "cam: class activation map; gradcam: Grad-CAM; integrated_gradients: from a constant baseline image; "
+            "occlusion: change of the log-odds when a patch is occluded.",
+            choices=EXPLAINERS, aliases=(("grad_cam", "gradcam"), ("ig", "integrated_gradients")),
+        ),
+        OptionSpec(
+            "target", "choice", "abnormal", "Explained class", "abnormal: positive = evidence for abnormal; normal: the sign flipped.",
+            choices=tuple(_TARGETS),
+        ),
+        OptionSpec(
+            "ig_steps", "int", 50, "Integrated-gradient steps", "Interpolation steps from the baseline (integrated_gradients only).",
+            minimum=1, maximum=2000,
+        ),
+        OptionSpec(
+            "ig_baseline", "float", -1.0, "IG baseline value",
+            "Constant baseline image in model intensities, -1 = the background (integrated_gradients only).",
+            minimum=-10.0, maximum=10.0, step=0.1, decimals=3, advanced=True,
+        ),
+        OptionSpec(
+            "occlusion_mask_size", "int", 0, "Occlusion patch size", "Side of the occluded patch in model voxels; 0: automatic (occlusion only).",
+            minimum=0, maximum=512,
+        ),
+        OptionSpec(
+            "occlusion_overlap", "float", 0.5, "Occlusion overlap", "Overlap of neighbouring patches, 0 to below 1 (occlusion only).",
+            minimum=0.0, maximum=0.95, step=0.05, decimals=2, advanced=True,
+        ),
+        OptionSpec(
+            "occlusion_mode", "choice", "mean_img", "Occlusion fill",
+            "What fills the occluded patch: the image mean, the patch mean, or a Gaussian blur (occlusion only).",
+            choices=OCCLUSION_MODES, advanced=True,
+        ),
+    )
     default_config = {
         "channels": 64,  # first conv block's width (PatchGAN ndf)
         "n_layers": 3,  # stride-2 conv blocks kept from the PatchGAN (64, 128, 256)
@@ -108,7 +134,6 @@ class ClassifierBaseline(Method):
         "classifier saliency for the abnormal class, no counterfactual; explains the log-odds "
         "l_abnormal - l_normal; positive = evidence for abnormal (explainer chosen per run, default Grad-CAM)"
     )
-    batch_kind = "unpaired"
 
     # --- networks -------------------------------------------------------------------------------
     @staticmethod
@@ -137,7 +162,7 @@ class ClassifierBaseline(Method):
         (0 = normal, 1 = abnormal). With ``return_metadata`` returns ``(metadata, network)`` so callers can
         check the grid (``metadata.preprocessing``) and the architecture (``metadata.method_config``).
         """
-        from ..inference import load_method
+        from . import load_method
 
         metadata, method = load_method(model_path, torch.device(device), expected_method="classifier")
         net = method.networks["classifier"].eval()
@@ -170,16 +195,8 @@ class ClassifierBaseline(Method):
             return torch.softmax(self.networks["classifier"](x).float(), dim=1)[:, 1]
 
     def attribute(self, x: torch.Tensor, **options) -> AttributionResult:
-        unknown = set(options) - set(self.attribute_options)
-        if unknown:
-            raise ValueError(f"classifier: unknown options {sorted(unknown)}; known: {sorted(self.attribute_options)}")
-        o = {**self.attribute_options, **options}
-        explainer = str(o["explainer"]).lower().replace("-", "_")
-        explainer = {"grad_cam": "gradcam", "ig": "integrated_gradients"}.get(explainer, explainer)
-        if explainer not in EXPLAINERS:
-            raise ValueError(f"classifier: explainer must be one of {', '.join(EXPLAINERS)}, got {o['explainer']!r}")
-        if o["target"] not in _TARGETS:
-            raise ValueError(f"classifier: target must be 'abnormal' or 'normal', got {o['target']!r}")
+        o = options  # checked and completed by Method.check_options
+        explainer = o["explainer"]
         class_idx = _TARGETS[o["target"]]
         net = self.networks["classifier"]
         was_training = net.training

@@ -71,6 +71,7 @@ from ..networks.icam_networks import (
     latent_grid,
     pad_to_multiple,
 )
+from ..method_options import OptionSpec
 from .base import AttributionResult, Method, TrainingContext
 
 _DIRECTIONS = ("to_normal", "to_abnormal", "auto")
@@ -98,16 +99,31 @@ def select_codes(probabilities: torch.Tensor, n: int, threshold: float) -> tuple
 class ICAM(Method):
     name = "icam"
     title = "ICAM"
-    paper = "Learning to map between domains: interpretable classification via disentangled representations (ICAM, Bass et al., NeurIPS 2020)"
     outputs = ("counterfactual", "attribution", "mask", "class_probability", "icam_mean", "icam_std")
     inference_networks = ("content_encoder", "attribute_encoder", "generator", "classifier")
-    attribute_options = {
-        "samples": 20,
-        "direction": "to_normal",
-        "p_accept": 0.9,
-        "max_candidates": 20000,
-        "seed": 0,
-    }
+    options = (
+        OptionSpec(
+            "samples", "int", 20, "Latent samples",
+            "Attribute codes drawn from the target class; the map is the first translation, icam_mean / icam_std "
+            "summarise all of them (more samples: steadier mean and std, longer run).", minimum=1, maximum=1000,
+        ),
+        OptionSpec(
+            "direction", "choice", "to_normal", "Direction",
+            "to_normal: translate the scan to the normal class (its healthy counterpart); to_abnormal: the other "
+            "way; auto: towards the class the classifier does not predict.", choices=_DIRECTIONS,
+        ),
+        OptionSpec(
+            "p_accept", "float", 0.9, "Acceptance probability",
+            "A drawn code is kept when the latent classifier gives it at least this probability of the target "
+            "class (rejection sampling); when too few pass, the most probable ones are used.",
+            minimum=0.0, maximum=1.0, step=0.05, decimals=3, advanced=True,
+        ),
+        OptionSpec(
+            "max_candidates", "int", 20000, "Maximum candidates", "At most this many codes are drawn while looking for accepted ones.",
+            minimum=1, maximum=10_000_000, advanced=True,
+        ),
+        OptionSpec("seed", "int", 0, "Random seed", "Seed of the random draws (same seed, same result).", minimum=0, maximum=2**31 - 1, advanced=True),
+    )
     map_description = (
         "counterfactual minus input: G(z_c(input), z) - input for one attribute code z rejection-sampled from the "
         "target class (ICAM single-swap translation); icam_mean / icam_std: mean and per-voxel standard deviation "
@@ -154,6 +170,12 @@ class ICAM(Method):
         "content_dis_clip": 5.0,
         "decay_start_fraction": 0.5,
     }
+    config_specs = (
+        OptionSpec(
+            "grid_size", "list", None, tooltip="model grid, ITK order (x, y[, z]) like --size; none: taken from the preprocessing",
+            nullable=True,
+        ),
+    )
     training_defaults = {"batch_size": 1}
 
     # --- networks -------------------------------------------------------------------------------
@@ -292,16 +314,9 @@ class ICAM(Method):
 
     # --- inference ------------------------------------------------------------------------------
     def attribute(self, x: torch.Tensor, **options) -> AttributionResult:
-        unknown = set(options) - set(self.attribute_options)
-        if unknown:
-            raise ValueError(f"icam: unknown options {sorted(unknown)}; known: {sorted(self.attribute_options)}")
-        o = {**self.attribute_options, **options}
-        samples = int(o["samples"])
-        if samples < 1:
-            raise ValueError(f"icam: samples must be at least 1, got {samples}")
-        direction = str(o["direction"]).lower().replace("-", "_")
-        if direction not in _DIRECTIONS:
-            raise ValueError(f"icam: direction must be one of {', '.join(_DIRECTIONS)}, got {o['direction']!r}")
+        o = options  # checked and completed by Method.check_options
+        samples = o["samples"]
+        direction = o["direction"]
         p_accept = float(o["p_accept"])
         max_candidates = max(int(o["max_candidates"]), samples)
         generator = torch.Generator().manual_seed(int(o["seed"]))

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from ..networks import init_normal_weights
 from ..networks.medxgan_networks import FrozenNetwork, MedXGenerator, medxgan_discriminator
+from ..method_options import OptionSpec
 from .base import AttributionResult, Method, TrainingContext
 from .classifier import ClassifierBaseline
 
@@ -44,7 +45,6 @@ from .classifier import ClassifierBaseline
 class MedXGAN(Method):
     name = "medxgan"
     title = "medXGAN"
-    paper = "medXGAN: visual explanations for medical classifiers through a generative latent space (medxgan.txt)"
     outputs = (
         "counterfactual",
         "attribution",
@@ -59,7 +59,23 @@ class MedXGAN(Method):
         "medxgan_interpolation",
     )
     inference_networks = ("generator", "classifier")
-    attribute_options = {"inversion_steps": 500, "inversion_lr": 0.01, "ig_steps": 11, "interpolation_frames": 11, "seed": 0}
+    options = (
+        OptionSpec(
+            "inversion_steps", "int", 500, "Inversion steps",
+            "Adam steps that fit the generator's latent codes to the scan (paper: 500); fewer: faster, "
+            "coarser reconstruction (its MSE is reported as inversion_mse).", minimum=1, maximum=100_000,
+        ),
+        OptionSpec(
+            "inversion_lr", "float", 0.01, "Inversion learning rate", "Adam learning rate of the latent inversion.",
+            minimum=1e-6, maximum=10.0, step=0.001, decimals=6, advanced=True,
+        ),
+        OptionSpec("ig_steps", "int", 11, "Integrated-gradient steps", "Steps of the latent integrated gradients (medxgan_lig).", minimum=2, maximum=1000),
+        OptionSpec(
+            "interpolation_frames", "int", 11, "Interpolation frames", "Frames of the latent interpolation series from the negative to the scan.",
+            minimum=2, maximum=200,
+        ),
+        OptionSpec("seed", "int", 0, "Random seed", "Seed of the random draws (same seed, same result).", minimum=0, maximum=2**31 - 1, advanced=True),
+    )
     default_config = {
         # the frozen classifier: path of a model file written by `--method classifier` (training only);
         # its architecture, preprocessing and grid are copied into the next three keys when training
@@ -245,10 +261,7 @@ class MedXGAN(Method):
         return difference * total / len(alphas)
 
     def attribute(self, x: torch.Tensor, **options) -> AttributionResult:
-        unknown = set(options) - set(self.attribute_options)
-        if unknown:
-            raise ValueError(f"medxgan: unknown options {sorted(unknown)}; known: {sorted(self.attribute_options)}")
-        o = {**self.attribute_options, **options}
+        o = options  # checked and completed by Method.check_options
         G = self.generator
         was_training = G.training
         G.eval()

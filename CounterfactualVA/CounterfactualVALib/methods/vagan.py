@@ -59,10 +59,8 @@ def gradient_penalty(
 class VAGAN(Method):
     name = "vagan"
     title = "VA-GAN"
-    paper = "Visual feature attribution using Wasserstein GANs (Baumgartner et al., CVPR 2018)"
     outputs = ("counterfactual", "attribution", "mask")
     inference_networks = ("generator",)
-    attribute_options: dict = {}
     map_description = "counterfactual minus input = y - x, y = x + M(x) (VA-GAN map generator M)"
     default_config = {
         "channels": [16, 32, 64, 128],

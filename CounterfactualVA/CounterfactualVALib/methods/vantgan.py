@@ -16,7 +16,6 @@ from .cyclegan import CycleTranslationMethod
 class VANTGAN(CycleTranslationMethod):
     name = "vantgan"
     title = "VANT-GAN"
-    paper = "Visually-attributed abnormal-to-normal translation GAN (vant-gan.txt)"
     normal_generator = "a2m"
     normal_generator_activation = "tanh2"
     inference_networks = ("a2m",)
