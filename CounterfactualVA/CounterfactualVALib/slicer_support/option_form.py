@@ -14,30 +14,8 @@ from __future__ import annotations
 
 import json
 
-from .. import method_options
-from ..method_options import OptionSpec, collect_options
-from .model_file import OPTIONS_KEY, read_model_metadata
-
-_SPEC_FIELDS = set(OptionSpec.__dataclass_fields__)
-
-
-def option_specs_from_metadata(metadata: dict) -> list[OptionSpec]:
-    """The method's attribution options as form rows, from model metadata (no torch). Models that list their
-    options (``metadata["attribute_options"]``) are read as they are; older ones get the descriptions this
-    version has for their method when those need no torch, else no rows (the method's defaults apply)."""
-    listed = metadata.get(OPTIONS_KEY)
-    if listed is not None:
-        specs = []
-        for entry in listed:
-            fields = {key: value for key, value in dict(entry).items() if key in _SPEC_FIELDS}
-            if "choices" in fields:
-                fields["choices"] = tuple(fields["choices"] or ())
-            specs.append(OptionSpec(**fields))
-        return specs
-    described = getattr(method_options, "DESCRIPTIONS", {}).get(metadata["method"])
-    if described is None:
-        return []
-    return method_options.option_specs(metadata["method"], defaults={name: spec.default for name, spec in described.items()})
+from ..method_options import OptionSpec, collect_options, option_specs_from_metadata
+from .model_file import read_model_metadata
 
 
 def option_specs_for_model_file(path) -> list[OptionSpec]:
