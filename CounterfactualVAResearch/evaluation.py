@@ -268,6 +268,46 @@ def evaluate_constant(preprocessing: dict, data_csv, split: str = "test", limit:
     return {"model": None, "method": "constant", "split": split, **summarize_scores(maps, test)}
 
 
+def normative_maps(preprocessing: dict, data_csv, items, reference_split: str = "train") -> list[np.ndarray]:
+    """The normative baseline a neuroimager tries first: each subject's voxel-wise z-score against the normal
+    subjects of `reference_split` after the very preprocessing the models use, signed like a counterfactual
+    map ((normal mean - subject) / normal std: where the healthy counterpart would be brighter, positive)."""
+    config = PreprocessingConfig.from_dict(preprocessing)
+    normals = [r for r in read_cohort_csv(data_csv) if r.get("split") == reference_split and r["label"] == 0]
+    if len(normals) < 2:
+        raise ValueError(f"{data_csv}: the normative baseline needs at least two normal subjects in split {reference_split!r}.")
+    reference = np.stack([it[0][0, 0].numpy() for it in load_items(normals, config)])
+    mean, std = reference.mean(0), reference.std(0)
+    floor = max(float(np.median(std)), 1e-6) * 0.1  # a voxel with no spread (air) must not divide by ~0
+    return [(mean - it[0][0, 0].numpy()) / np.maximum(std, floor) for it in items]
+
+
+def evaluate_normative(preprocessing: dict, data_csv, split: str = "test", limit: int | None = None) -> dict:
+    """Scores of the normative z-score map (:func:`normative_maps`), with a validation-chosen threshold."""
+    config = PreprocessingConfig.from_dict(preprocessing)
+    test = load_split(data_csv, config, split, limit)
+    val = load_split(data_csv, config, "val", limit)
+    maps = normative_maps(preprocessing, data_csv, test)
+    val_maps = normative_maps(preprocessing, data_csv, val) if val else None
+    return {"model": None, "method": "normative z-score", "split": split, **summarize_scores(maps, test, val_maps, val), "_maps": maps}
+
+
+@torch.no_grad()
+def judge_accuracy(judge_model, data_csv, split: str = "test", device="cpu", limit: int | None = None) -> dict:
+    """The judge's accuracy on every subject (normal and abnormal) of a split: a judge that cannot tell the
+    classes apart measures nothing about counterfactuals."""
+    torch_device = torch.device(device) if isinstance(device, str) and device != "auto" else select_device(device)[0]
+    metadata, _ = load_method(judge_model, torch_device)
+    config = PreprocessingConfig.from_dict(metadata.preprocessing)
+    records = [r for r in read_cohort_csv(data_csv) if r.get("split") == split]
+    items = load_items(records, config, limit)
+    net = load_judge(judge_model, torch_device)
+    p = _p_abnormal(net, torch.cat([it[0] for it in items]).to(torch_device)).cpu().numpy()
+    labels = np.array([it[2] for it in items])
+    return {"n": len(items), "accuracy": float(((p > 0.5) == (labels == 1)).mean()),
+            "mean_p_abnormal": {"abnormal": float(p[labels == 1].mean()), "normal": float(p[labels == 0].mean())}}
+
+
 # --- reporting ----------------------------------------------------------------------------------
 def format_table(results: list[dict]) -> str:
     header = ["row", "n", "Dice (paper)", "IoU (paper)", "NCC", "Dice (val thr)", "IoU (val thr)", "CF called normal", "perturb drop"]

@@ -11,9 +11,11 @@
       "judge": "<model name>",                       # the independent classifier (validity, perturbation)
       "rows": [{"label": "VANT-GAN", "model": "<name>", "options": {...}, "paper": {"dice": 95.5, "iou": 91.4}},
                {"label": "VANT-GAN, untrained", "model": "<name>", "untrained": true},
-               {"label": "constant map", "constant": true}],
+               {"label": "constant map", "constant": true},
+               {"label": "normative z-score", "normative": true}],  # vs the normal training subjects
       "medxgan": {"model": "<name>", "images": 8, "runs": 3, "inversion_steps": 500},
-      "targets": {"rows": {"VANT-GAN": {"dice": 95.5, "iou": 91.4}}, "ncc_above": [[...], [...]], "validity_min": 0.9},
+      "targets": {"rows": {"VANT-GAN": {"dice": 95.5, "iou": 91.4}}, "ncc_above": [[...], [...]], "validity_min": 0.9,
+                  "ncc_min": {"VANT-GAN": 0.5}, "judge_accuracy_min": 0.9},
       "examples": 4
     }
 
@@ -44,6 +46,8 @@ from CounterfactualVALib.preprocessing import PreprocessingConfig
 from .evaluation import (
     evaluate,
     evaluate_constant,
+    evaluate_normative,
+    judge_accuracy,
     format_table,
     lig_ig_ratio,
     load_judge,
@@ -68,7 +72,7 @@ def read_protocol(path) -> dict:
         if key not in protocol:
             raise ValueError(f"{path}: the protocol has no {key!r} section.")
     for row in protocol["rows"]:
-        if not row.get("constant") and row.get("model") not in protocol["models"]:
+        if not (row.get("constant") or row.get("normative")) and row.get("model") not in protocol["models"]:
             raise ValueError(f"{path}: row {row.get('label')!r} names model {row.get('model')!r}, which the 'models' section does not define.")
     if protocol.get("judge") and protocol["judge"] not in protocol["models"]:
         raise ValueError(f"{path}: judge {protocol['judge']!r} is not one of the models.")
@@ -171,6 +175,8 @@ def evaluate_rows(protocol: dict, files: dict, csv_path: Path, out: Path, device
         started = time.perf_counter()
         if row.get("constant"):
             result = evaluate_constant(protocol["preprocessing"], csv_path, limit=settings.get("limit"))
+        elif row.get("normative"):
+            result = evaluate_normative(protocol["preprocessing"], csv_path, limit=settings.get("limit"))
         else:
             model_file = files[row["model"]]
             if row.get("untrained"):
@@ -214,11 +220,20 @@ def medxgan_checks(protocol: dict, files: dict, csv_path: Path, device) -> dict 
     return result
 
 
-def check_targets(protocol: dict, results: list[dict]) -> list[dict]:
-    """Each target as {"target", "measured", "met"}."""
+def check_targets(protocol: dict, results: list[dict], judge: dict | None = None) -> list[dict]:
+    """Each target as {"target", "measured", "met"}. Validity targets are only checked with a judge that
+    reaches `judge_accuracy_min` itself."""
     targets = protocol.get("targets", {})
     by_label = {r["label"]: r for r in results}
     checks = []
+    for label, minimum in targets.get("ncc_min", {}).items():
+        measured = by_label[label]["paper_rule"]["ncc"]
+        checks.append({"target": f"{label} NCC >= {minimum}", "measured": round(measured, 3), "met": measured >= minimum})
+    judge_ok = True
+    if "judge_accuracy_min" in targets and judge is not None:
+        judge_ok = judge["accuracy"] >= targets["judge_accuracy_min"]
+        checks.append({"target": f"judge test accuracy >= {100 * targets['judge_accuracy_min']:.0f}% (else validity is not reported)",
+                       "measured": f"{100 * judge['accuracy']:.0f}%", "met": judge_ok})
     for label, wanted in targets.get("rows", {}).items():
         for metric, minimum in wanted.items():
             measured = 100 * by_label[label]["paper_rule"][metric]
@@ -232,7 +247,7 @@ def check_targets(protocol: dict, results: list[dict]) -> list[dict]:
             "measured": f"lowest {lowest:.3f} vs highest {highest:.3f}",
             "met": lowest > highest,
         })
-    if "validity_min" in targets:
+    if "validity_min" in targets and judge_ok:
         for r in results:
             share = r.get("validity", {}).get("counterfactuals_called_normal")
             if share is not None and not r["label"].endswith("untrained"):
@@ -297,6 +312,9 @@ def write_report(protocol: dict, report: dict, path: Path) -> None:
             + (f"{r['perturbation']['mean_drop']:.3f} | " if "perturbation" in r else "- | ")
             + (f"{paper.get('dice', '-')} / {paper.get('iou', '-')} |" if paper else "- |")
         )
+    if report.get("judge"):
+        j = report["judge"]
+        lines += ["", f"Judge (independent classifier): test accuracy {100 * j['accuracy']:.0f}% over {j['n']} subjects (mean P(abnormal): abnormal {j['mean_p_abnormal']['abnormal']:.2f}, normal {j['mean_p_abnormal']['normal']:.2f})."]
     if report.get("random_perturbation"):
         rp = report["random_perturbation"]
         lines += ["", f"Perturbation reference: the same number of random head voxels ({100 * rp['fraction']:.0f}%) lowers P(abnormal) by {rp['mean_drop']:.3f} (judge's mean P(abnormal) before: {rp['mean_p_before']:.3f})."]
@@ -334,7 +352,14 @@ def run_protocol(config_path, out=None, device: str = "auto") -> dict:
         "random_perturbation": random_perturbation(protocol, files, csv_path, torch_device),
         "medxgan": medxgan_checks(protocol, files, csv_path, torch_device),
     }
-    report["targets"] = check_targets(protocol, results)
+    if protocol.get("judge"):
+        report["judge"] = judge_accuracy(files[protocol["judge"]], csv_path, "test", torch_device, protocol.get("evaluate", {}).get("limit"))
+        minimum = protocol.get("targets", {}).get("judge_accuracy_min")
+        if minimum is not None and report["judge"]["accuracy"] < minimum:
+            for r in results:  # a judge that cannot tell the classes apart measures nothing about counterfactuals
+                r.pop("validity", None)
+                r.pop("perturbation", None)
+    report["targets"] = check_targets(protocol, results, report.get("judge"))
     if protocol.get("examples", 4):
         save_examples(protocol, results, files, csv_path, out / "examples.png", int(protocol.get("examples", 4)))
     report["wall_s"] = round(time.perf_counter() - started, 1)

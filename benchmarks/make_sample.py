@@ -43,8 +43,7 @@ def main() -> int:
     subprocess.run(train, check=True)
     with open(run / "log.csv") as f:
         logged = list(csv.DictReader(f))
-    # the run may have been stopped and resumed: estimate its compute time from the logged step times
-    minutes = sum(float(r["seconds"]) for r in logged) / len(logged) * int(logged[-1]["step"]) / 60
+    minutes = float(logged[-1]["elapsed_seconds"]) / 60  # training wall time, resumed sessions included
     SAMPLES.mkdir(exist_ok=True)
     shutil.copy(run / "model.safetensors", SAMPLES / "vantgan_phantom3d.safetensors")
     shutil.copy(run / "log.csv", SAMPLES / "vantgan_phantom3d_log.csv")

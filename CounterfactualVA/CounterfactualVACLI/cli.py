@@ -80,6 +80,7 @@ def cmd_train(args) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         patch_size=args.patch_size,
+        time_budget_minutes=args.time_budget,
         val_every=args.val_every,
         checkpoint_every=args.checkpoint_every,
         log_every=args.log_every,
@@ -198,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.csv, tensorboard/, model.safetensors")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="stop after this many minutes of training with the best validated model "
+                        "(--steps stays the upper bound and the length of the learning-rate schedule)")
     p.add_argument("--patch-size", type=int, nargs="+", default=None,
                    help="train on patches of this size (x y [z]) cropped at one position in both classes; "
                         "fully convolutional methods only (e.g. vantgan with --config generator=unet)")

@@ -62,8 +62,24 @@ REGIONS = {
     "hippocampus_left": {"kind": "grey_matter_thinning", "centre_mni_ras": (-26.0, -22.0, -14.0), "radii_mm": (9.0, 18.0, 11.0), "plateau": 0.0},
     "hippocampus_right": {"kind": "grey_matter_thinning", "centre_mni_ras": (26.0, -22.0, -14.0), "radii_mm": (9.0, 18.0, 11.0), "plateau": 0.0},
     "ventricles": {"kind": "ventricle_enlargement", "centre_mni_ras": (0.0, -10.0, 18.0), "radii_mm": (30.0, 42.0, 26.0), "plateau": 0.5},
+    # cortical patches (grey-matter thinning of a gyral region): superior parietal and middle frontal cortex
+    "cortex_left_parietal": {"kind": "grey_matter_thinning", "centre_mni_ras": (-34.0, -58.0, 48.0), "radii_mm": (16.0, 16.0, 16.0), "plateau": 0.0},
+    "cortex_right_frontal": {"kind": "grey_matter_thinning", "centre_mni_ras": (36.0, 30.0, 36.0), "radii_mm": (16.0, 16.0, 16.0), "plateau": 0.0},
 }
+DEFAULT_REGIONS = ("hippocampus_left", "hippocampus_right", "ventricles")
 STRENGTH_RANGE = (0.7, 1.3)
+#: the varied recipe (``recipe="varied"``): every atrophy site may occur, sites and strengths vary per
+#: subject, and anatomy (deformation, head size), bias and noise vary more and per subject, so that a method
+#: cannot win by memorising one pattern (issue 9). Values are ranges drawn uniformly per subject.
+VARIED_RECIPE = {
+    "regions": tuple(REGIONS),
+    "region_probability": 0.6,
+    "strength_range": (0.5, 1.5),
+    "deformation_mm": (1.0, 4.0),
+    "scale_range": (0.94, 1.06),
+    "bias_strength": (0.05, 0.25),
+    "noise_std": (0.01, 0.04),
+}
 DEFORMATION_CORRELATION_MM = 20.0
 BIAS_CORRELATION_MM = 60.0
 VENTRICLE_SHELL_MM = 6.0
@@ -213,6 +229,20 @@ def _oblique_geometry(shape, spacing, origin, direction, axis: np.ndarray, degre
     return tuple(float(o) for o in new_origin), tuple(float(v) for v in new_direction.ravel())
 
 
+def _as_range(name: str, value) -> tuple[float, float]:
+    """A number or a (low, high) pair -> (low, high)."""
+    if np.ndim(value) == 0:
+        return (float(value), float(value))
+    low, high = (float(v) for v in value)
+    if not low <= high:
+        raise ValueError(f"{name}: the range ({low}, {high}) must have low <= high.")
+    return (low, high)
+
+
+def _same(a, b) -> bool:
+    return np.array_equal(np.asarray(a, dtype=object), np.asarray(b, dtype=object)) if np.ndim(a) == np.ndim(b) else False
+
+
 def _render(volume: np.ndarray, coordinates: np.ndarray, bias: np.ndarray) -> np.ndarray:
     warped = map_coordinates(volume, coordinates, order=1, mode="constant", cval=0.0)
     return warped.astype(np.float64) * bias
@@ -224,15 +254,19 @@ def generate_phantom_cohort(
     abnormal_fraction: float = 0.5,
     spacing_mm: float = 2.0,
     effect_size: float = 0.5,
-    regions=("hippocampus_left", "hippocampus_right", "ventricles"),
-    deformation_mm: float = 2.0,
-    bias_strength: float = 0.15,
-    noise_std: float = 0.02,
+    regions=DEFAULT_REGIONS,
+    deformation_mm: float | tuple[float, float] = 2.0,
+    bias_strength: float | tuple[float, float] = 0.15,
+    noise_std: float | tuple[float, float] = 0.02,
     seed: int = 0,
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
     file_ext: str = ".nii.gz",
     oblique_degrees: float = 0.0,
+    strength_range: tuple[float, float] = STRENGTH_RANGE,
+    region_probability: float = 1.0,
+    scale_range: tuple[float, float] = (1.0, 1.0),
+    recipe: str | None = None,
 ) -> Path:
     """Write a 3D phantom cohort (module docstring) into ``out_dir`` and return its CSV path.
 
@@ -243,7 +277,34 @@ def generate_phantom_cohort(
     ``subtype`` is ``control`` or ``atrophy`` and ``mask`` is the diff map (empty for controls). The split is
     stratified by label. ``round(abnormal_fraction * n_subjects)`` subjects, chosen at random, are abnormal.
     Each subject's random draws depend only on ``seed`` and its index. The CSV is written last.
+
+    Variation (defaults reproduce the original fixed recipe exactly): ``deformation_mm``, ``bias_strength`` and
+    ``noise_std`` may each be a ``(low, high)`` range drawn uniformly per subject; ``strength_range`` scales
+    ``effect_size`` per subject and region; each region is present in an abnormal subject with probability
+    ``region_probability`` (at least one always is); ``scale_range`` draws a per-axis head-size scaling about
+    the brain's centre (anatomical variation beyond the smooth deformation). ``recipe="varied"`` sets all of
+    them to :data:`VARIED_RECIPE` (explicit arguments that differ from the defaults still win).
     """
+    if recipe is not None:
+        if recipe != "varied":
+            raise ValueError(f"recipe must be 'varied' or None, got {recipe!r}.")
+        defaults = {"regions": DEFAULT_REGIONS, "region_probability": 1.0, "strength_range": STRENGTH_RANGE,
+                    "deformation_mm": 2.0, "scale_range": (1.0, 1.0), "bias_strength": 0.15, "noise_std": 0.02}
+        given = {"regions": regions, "region_probability": region_probability, "strength_range": strength_range,
+                 "deformation_mm": deformation_mm, "scale_range": scale_range, "bias_strength": bias_strength, "noise_std": noise_std}
+        chosen = {k: (VARIED_RECIPE[k] if _same(given[k], defaults[k]) else given[k]) for k in given}
+        regions, region_probability, strength_range = chosen["regions"], chosen["region_probability"], chosen["strength_range"]
+        deformation_mm, scale_range = chosen["deformation_mm"], chosen["scale_range"]
+        bias_strength, noise_std = chosen["bias_strength"], chosen["noise_std"]
+    deformation_range = _as_range("deformation_mm", deformation_mm)
+    bias_range = _as_range("bias_strength", bias_strength)
+    noise_range = _as_range("noise_std", noise_std)
+    strength_range = _as_range("strength_range", strength_range)
+    scale_range = _as_range("scale_range", scale_range)
+    if not 0.0 < float(region_probability) <= 1.0:
+        raise ValueError(f"region_probability must be in (0, 1], got {region_probability}.")
+    if not 0.5 <= scale_range[0] <= scale_range[1] <= 2.0:
+        raise ValueError(f"scale_range must lie within [0.5, 2], got {scale_range}.")
     n_subjects = int(n_subjects)
     regions = tuple(regions)
     unknown = [r for r in regions if r not in REGIONS]
@@ -257,11 +318,11 @@ def generate_phantom_cohort(
         raise ValueError(f"abnormal_fraction must be in [0, 1], got {abnormal_fraction}.")
     if not 0.5 <= float(spacing_mm) <= 8.0:
         raise ValueError(f"spacing_mm must be between 0.5 and 8 mm, got {spacing_mm}.")
-    for name, value in (("effect_size", effect_size), ("deformation_mm", deformation_mm),
-                        ("bias_strength", bias_strength), ("noise_std", noise_std)):
+    for name, value in (("effect_size", effect_size), ("deformation_mm", deformation_range[0]),
+                        ("bias_strength", bias_range[0]), ("noise_std", noise_range[0]), ("strength_range", strength_range[0])):
         if not float(value) >= 0.0:
             raise ValueError(f"{name} must be >= 0, got {value}.")
-    if bias_strength >= 1.0:
+    if bias_range[1] >= 1.0:
         raise ValueError(f"bias_strength must be below 1 (the bias field 1 +/- bias_strength stays positive), got {bias_strength}.")
     if file_ext not in _FILE_EXTENSIONS:
         raise ValueError(f"file_ext must be one of {', '.join(_FILE_EXTENSIONS)}, got {file_ext!r}.")
@@ -280,8 +341,12 @@ def generate_phantom_cohort(
     shape = t1.shape
     spacing_zyx = np.array(tuple(reversed(template["spacing"])))
     grid = np.indices(shape, dtype=np.float32)
+    brain_centre = np.array([c.mean() for c in np.nonzero(t1 > 0.1 * t1.max())], dtype=np.float32)  # (z, y, x) voxels
 
-    seeds = np.random.SeedSequence(seed).spawn(n_subjects + 1)
+    seed_sequence = np.random.SeedSequence(seed)
+    seeds = seed_sequence.spawn(n_subjects + 1)
+    # the variation draws come from their own streams, so cohorts of the fixed recipe stay bit-identical
+    variation_seeds = seed_sequence.spawn(n_subjects)
     label_rng = np.random.default_rng(seeds[0])
     n_abnormal = int(np.floor(abnormal_fraction * n_subjects + 0.5))
     labels = np.zeros(n_subjects, dtype=int)
@@ -294,21 +359,35 @@ def generate_phantom_cohort(
     rows, subjects = [], []
     for i in range(n_subjects):
         rng = np.random.default_rng(seeds[i + 1])
+        variation = np.random.default_rng(variation_seeds[i])
         # every draw happens for every subject, in a fixed order, whatever its label and the options
         strengths = rng.uniform(*STRENGTH_RANGE, size=len(regions))
         displacement = _gaussian_random_field(rng, shape, spacing_mm, DEFORMATION_CORRELATION_MM, 3)
-        largest = float(np.sqrt((displacement**2).sum(axis=0)).max())
-        displacement *= deformation_mm / largest if largest > 0 else 0.0
         bias = _gaussian_random_field(rng, shape, spacing_mm, BIAS_CORRELATION_MM, 1)[0]
-        bias = 1.0 + bias_strength * bias / max(float(np.abs(bias).max()), 1e-12)
         noise = rng.standard_normal(shape)
         axis = rng.standard_normal(3)
         axis /= np.linalg.norm(axis)
+        subject_deformation = variation.uniform(*deformation_range)
+        subject_bias = variation.uniform(*bias_range)
+        subject_noise = variation.uniform(*noise_range)
+        scale = variation.uniform(*scale_range, size=3)
+        present = variation.uniform(size=len(regions)) < region_probability
+        present[int(variation.integers(len(regions)))] = True  # at least one site per abnormal subject
+        if tuple(strength_range) != tuple(STRENGTH_RANGE):
+            strengths = variation.uniform(*strength_range, size=len(regions))
+        strengths = np.where(present, strengths, 0.0)
+        largest = float(np.sqrt((displacement**2).sum(axis=0)).max())
+        displacement *= subject_deformation / largest if largest > 0 else 0.0
+        bias = 1.0 + subject_bias * bias / max(float(np.abs(bias).max()), 1e-12)
 
         # displacement components are (z, y, x) in mm along the array axes; sample the template at x + u(x)
         coordinates = grid + (displacement / spacing_zyx.reshape(3, 1, 1, 1)).astype(np.float32)
+        if not np.all(scale == 1.0):
+            # head size: sample the template at centre + (x - centre) / scale (the subject's brain is `scale` times larger)
+            centre = brain_centre.reshape(3, 1, 1, 1)
+            coordinates = centre + (coordinates - centre) / scale[::-1].reshape(3, 1, 1, 1).astype(np.float32)
         healthy = _render(t1, coordinates, bias)
-        noise_scale = noise_std * float(np.percentile(healthy, 99))
+        noise_scale = subject_noise * float(np.percentile(healthy, 99))
         healthy_image = (healthy + noise_scale * noise).astype(np.float32)
 
         origin, direction = template["origin"], template["direction"]
@@ -341,8 +420,12 @@ def generate_phantom_cohort(
                 "image": image_path,
                 "diff": mask_path or None,
                 "counterpart": f"counterparts/cf_{name}" if labels[i] else None,
-                "effect_strength": {r: float(effect_size * s) for r, s in zip(regions, strengths)} if labels[i] else None,
+                "effect_strength": {r: float(effect_size * s) for r, s in zip(regions, strengths) if s > 0} if labels[i] else None,
                 "noise_sigma": noise_scale,
+                "deformation_mm": float(subject_deformation),
+                "bias_strength": float(subject_bias),
+                "noise_std": float(subject_noise),
+                "head_scale_xyz": [float(v) for v in scale],
                 "oblique_axis": [float(a) for a in axis] if oblique_degrees else None,
                 "origin": list(origin),
                 "direction": list(direction),
@@ -360,12 +443,15 @@ def generate_phantom_cohort(
         "deformation_mm": deformation_mm,
         "bias_strength": bias_strength,
         "noise_std": noise_std,
+        "recipe": recipe,
+        "region_probability": region_probability,
+        "scale_range": list(scale_range),
         "seed": seed,
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
         "file_ext": file_ext,
         "oblique_degrees": oblique_degrees,
-        "strength_range": list(STRENGTH_RANGE),
+        "strength_range": list(strength_range),
         "deformation_correlation_mm": DEFORMATION_CORRELATION_MM,
         "bias_correlation_mm": BIAS_CORRELATION_MM,
         "template": {

@@ -53,12 +53,12 @@ def load_cohort(csv_path: str | Path, seed: int = 0, val_fraction: float = 0.2, 
     return splits
 
 
-def cache_split(records: list[dict], config: PreprocessingConfig, num_workers: int = 0) -> CohortTensors:
-    """Preprocess and cache one split with MONAI."""
+def cache_split(records: list[dict], config: PreprocessingConfig, num_workers: int = 0, progress: bool = False) -> CohortTensors:
+    """Preprocess and cache one split with MONAI (`progress`: MONAI's bar while caching)."""
     from monai.data import CacheDataset
 
     items = [{"image": r["path"], "mask": r.get("mask") or None, "label": int(r["label"])} for r in records]
-    dataset = CacheDataset(items, transform=LoadPreprocessd(config), num_workers=num_workers, progress=False, copy_cache=False)
+    dataset = CacheDataset(items, transform=LoadPreprocessd(config), num_workers=num_workers, progress=progress, copy_cache=False)
     images, masks, labels, has_mask = [], [], [], []
     for i in range(len(dataset)):
         item = dataset[i]

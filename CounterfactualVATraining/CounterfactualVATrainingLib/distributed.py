@@ -63,6 +63,17 @@ def gradient_averager(state: DistributedState):
     return average
 
 
+def agree(flag: bool, state: DistributedState) -> bool:
+    """Rank 0's value of `flag` on every rank (e.g. "out of time"), so all ranks take the same branch."""
+    if not state.enabled:
+        return bool(flag)
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        value = value.cuda()
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
 def barrier(state: DistributedState) -> None:
     if state.enabled:
         dist.barrier()

@@ -45,6 +45,10 @@ class TrainingConfig:
     preprocessing: dict = field(default_factory=dict)
     method_config: dict = field(default_factory=dict)
     steps: int = 1000
+    #: stop after this many minutes of training (wall clock, this process; a resumed run adds its earlier
+    #: time) with the best validated model; `steps` stays the upper bound and the length the LR schedule
+    #: is laid out over. None: no time limit.
+    time_budget_minutes: float | None = None
     batch_size: int | None = None
     #: train on patches of this size (x, y[, z], like the grid size) cropped at the same position in both
     #: domains; None trains on whole volumes. Only for methods whose networks are fully convolutional.
@@ -100,6 +104,7 @@ class Trainer:
         self.ctx = TrainingContext(self.device, self.optimizers, amp_dtype, all_reduce=distributed.gradient_averager(self.dist))
         self.ctx.total_steps = config.steps
         self.step = 0
+        self.elapsed_s = 0.0  # training wall time so far, including earlier sessions of a resumed run
         self.best = {"score": -math.inf, "step": None, "metrics": {}}
         self.history: list[dict] = []
 
@@ -116,9 +121,14 @@ class Trainer:
 
     def load_data(self) -> None:
         splits = load_cohort(self.config.data, seed=self.config.seed)
-        self.train_data = cache_split(splits["train"], self.preprocessing, self.config.num_workers)
         val_records = splits["val"][: self.config.max_val_subjects * 2]
-        self.val_data = cache_split(val_records, self.preprocessing, self.config.num_workers)
+        # preprocessing every subject once can take minutes: say so, with a bar in a terminal
+        show = self.dist.is_main and sys.stderr.isatty()
+        if self.dist.is_main:
+            print(f"Preparing {len(splits['train'])} training + {len(val_records)} validation subjects "
+                  f"(preprocessed once onto the model grid and cached in memory) ...", file=sys.stderr, flush=True)
+        self.train_data = cache_split(splits["train"], self.preprocessing, self.config.num_workers, progress=show)
+        self.val_data = cache_split(val_records, self.preprocessing, self.config.num_workers, progress=show)
         patch = None
         if self.config.patch_size:
             if not getattr(self.method, "supports_patches", False):
@@ -150,6 +160,7 @@ class Trainer:
             "schedulers": {k: v.state_dict() for k, v in self.schedulers.items()},
             "method_state": self.method.training_state(),
             "best_json": json.dumps(self.best),
+            "elapsed_s": torch.tensor(self.elapsed_s, dtype=torch.float64),
             "config_json": json.dumps(asdict(self.config)),
         }
         with atomic_path(self.checkpoint_path(), suffix=".pt") as tmp:
@@ -174,6 +185,7 @@ class Trainer:
         self.method.load_training_state(state["method_state"], self.device)
         self.best = json.loads(state["best_json"])
         self.step = int(state["step"])
+        self.elapsed_s = float(state["elapsed_s"]) if "elapsed_s" in state else 0.0
 
     # --- validation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -217,6 +229,8 @@ class Trainer:
         previous_handlers = _install_stop_handlers(cancelled)
         bar = _progress_bar(cfg.steps, self.step, enabled=self.dist.is_main)
         self.method.train()
+        budget_s = cfg.time_budget_minutes * 60.0 if cfg.time_budget_minutes else math.inf
+        session_start, elapsed_before = time.perf_counter(), self.elapsed_s
         try:
             while self.step < cfg.steps:
                 if cancelled["flag"] or self.should_stop():
@@ -231,9 +245,12 @@ class Trainer:
                 for scheduler in self.schedulers.values():
                     scheduler.step()
                 self.step += 1
-                row = {"step": self.step, "seconds": time.perf_counter() - t0, **losses}
+                self.elapsed_s = elapsed_before + time.perf_counter() - session_start
+                # all ranks stop at the same step: rank 0's clock decides under DDP
+                out_of_time = distributed.agree(self.elapsed_s >= budget_s, self.dist)
+                row = {"step": self.step, "step_seconds": time.perf_counter() - t0, "elapsed_seconds": self.elapsed_s, **losses}
                 row["lr"] = next(iter(self.optimizers.values())).param_groups[0]["lr"]
-                last = self.step == cfg.steps
+                last = self.step == cfg.steps or out_of_time
                 validation_step = self.step % cfg.val_every == 0 or last
                 if self.dist.is_main and validation_step and len(self.val_data):
                     metrics = self.validate()
@@ -249,11 +266,19 @@ class Trainer:
                 if self.step % cfg.checkpoint_every == 0 or last:
                     self.save_checkpoint()
                 bar.update(1)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items() if k.startswith("loss")}, refresh=False)
+                postfix = {k: f"{v:.3g}" for k, v in losses.items() if k.startswith("loss")}
+                if math.isfinite(budget_s):
+                    postfix["budget left"] = f"{max(0.0, budget_s - self.elapsed_s) / 60:.1f} min"
+                bar.set_postfix(postfix, refresh=False)
                 if self.progress is not None:
                     self.progress(self.step, cfg.steps, row)
                 if validation_step:
                     distributed.barrier(self.dist)  # other ranks wait while rank 0 validates and exports
+                if out_of_time:
+                    if self.dist.is_main:
+                        print(f"Time budget of {cfg.time_budget_minutes:g} min reached at step {self.step}; "
+                              f"best validated step {self.best.get('step')}.", file=sys.stderr, flush=True)
+                    break
         except TrainingCancelled:
             self.save_checkpoint()
             logger.close()
@@ -298,6 +323,8 @@ class Trainer:
                 "world_size": self.dist.world_size,
                 "amp": self.ctx.amp_dtype is not None,
                 "selected_step": self.best.get("step"),
+                "time_budget_minutes": cfg.time_budget_minutes,
+                "training_minutes": round(self.elapsed_s / 60.0, 2),
             },
             evaluation={"validation": self.best.get("metrics", {})},
         )

@@ -1,0 +1,121 @@
+"""3D training on a CPU budget: patches at matching positions, the change-predicting U-Net generators,
+the time budget, and the varied phantom recipe."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from CounterfactualVALib.methods import TrainingContext, create_method
+from CounterfactualVATrainingLib.data import CohortTensors, UnpairedSampler, step_generator
+from CounterfactualVATrainingLib.loop import CHECKPOINT_NAME, MODEL_NAME, TrainingConfig, train
+
+PRE_2D = {"spatial_dims": 2, "size": [32, 32], "spacing": [1.0, 1.0], "crop": "image", "intensity": "minmax"}
+UNET = {"generator": "unet", "unet_channels": [4, 8], "ndf": 4, "n_layers_d": 2}
+
+
+def _cohort(n=6, shape=(20, 24, 16)):
+    images = torch.arange(n * int(np.prod(shape)), dtype=torch.float32).reshape(n, 1, *shape)
+    labels = torch.tensor([0, 1] * (n // 2))
+    return CohortTensors(images, labels, images.clone() + 0.5, torch.ones(n, dtype=torch.bool), [f"s{i}" for i in range(n)])
+
+
+def test_patches_are_cropped_at_the_same_position_in_both_classes():
+    cohort = _cohort()
+    sampler = UnpairedSampler(cohort, batch_size=3, patch_size=(8, 8, 8))
+    batch = sampler.batch(step_generator(0, 5), torch.device("cpu"))
+    assert batch["normal"].shape == batch["abnormal"].shape == batch["abnormal_mask"].shape == (3, 1, 8, 8, 8)
+    volume = int(np.prod(cohort.images.shape[2:]))
+    for normal, abnormal, mask in zip(batch["normal"], batch["abnormal"], batch["abnormal_mask"]):
+        # images hold arange values: the offset within its volume gives each patch's position
+        assert torch.equal(normal % volume, abnormal % volume), "the two classes' patches come from different positions"
+        assert torch.equal(mask, abnormal + 0.5), "the mask patch is not the abnormal image's"
+    again = sampler.batch(step_generator(0, 5), torch.device("cpu"))
+    assert torch.equal(again["normal"], batch["normal"]), "a step's patches must not depend on anything but (seed, step)"
+
+
+def test_patch_larger_than_the_grid_is_refused():
+    with pytest.raises(ValueError, match="does not fit the model grid"):
+        UnpairedSampler(_cohort(), 1, patch_size=(8, 8, 32))
+
+
+def test_unet_generators_start_at_the_identity_and_learn():
+    method = create_method("vantgan", 3, UNET, training=True)
+    x = torch.rand(2, 1, 16, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert method.networks["a2m"](x).abs().max() < 0.05, "the map must start near zero"
+        assert (method.networks["n2a"](x) - x).abs().max() < 0.05, "N2A must start near the identity"
+    optimizers = {k: v[0] for k, v in method.configure_optimizers(10).items()}
+    ctx = TrainingContext(torch.device("cpu"), optimizers)
+    before = {k: [p.detach().clone() for p in v.parameters()] for k, v in method.networks.items()}
+    losses = method.training_step({"normal": x[:1], "abnormal": x[1:]}, ctx)
+    assert all(np.isfinite(v) for v in losses.values())
+    for name, net in method.networks.items():
+        assert any(not torch.equal(a, b) for a, b in zip(before[name], net.parameters())), f"{name} did not change"
+    assert method.supports_patches
+    assert not create_method("vantgan", 3, {"ngf": 4, "n_blocks": 1}).supports_patches  # instance norm: no patches
+
+
+def test_patch_training_is_refused_for_whole_image_networks(synthetic_2d, tmp_path):
+    config = TrainingConfig(method="vantgan", data=str(synthetic_2d), out=str(tmp_path / "run"), preprocessing=PRE_2D,
+                            method_config={"ngf": 4, "n_blocks": 1, "ndf": 4}, steps=2, patch_size=[16, 16], command="pytest")
+    with pytest.raises(ValueError, match="cannot train on patches"):
+        train(config)
+
+
+def test_time_budget_stops_with_a_validated_model_and_logs_elapsed_time(synthetic_2d, tmp_path):
+    out = tmp_path / "run"
+    config = TrainingConfig(method="vantgan", data=str(synthetic_2d), out=str(out), preprocessing=PRE_2D, method_config=UNET,
+                            steps=100_000, val_every=5, checkpoint_every=5, patch_size=[16, 16],
+                            time_budget_minutes=0.05, command="pytest")
+    assert train(config) == out / MODEL_NAME
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    steps = int(rows[-1]["step"])
+    assert 1 <= steps < 100_000, "the budget did not stop the run"
+    elapsed = [float(r["elapsed_seconds"]) for r in rows]
+    assert elapsed == sorted(elapsed) and 3.0 <= elapsed[-1] < 60.0, elapsed[-1]
+    assert all(float(r["step_seconds"]) <= float(r["elapsed_seconds"]) for r in rows)
+    state = torch.load(out / CHECKPOINT_NAME, weights_only=True)
+    assert int(state["step"]) == steps and float(state["elapsed_s"]) == pytest.approx(elapsed[-1], rel=0.05)
+    from CounterfactualVALib.checkpoint import read_metadata
+
+    training = read_metadata(out / MODEL_NAME).training
+    assert training["time_budget_minutes"] == 0.05 and training["selected_step"] is not None
+
+
+def test_varied_phantom_recipe_varies_sites_strengths_and_anatomy(tmp_path):
+    from CounterfactualVAResearch.data.phantom import REGIONS, generate_phantom_cohort
+
+    csv_path = generate_phantom_cohort(tmp_path / "varied", n_subjects=12, spacing_mm=8.0, seed=3, recipe="varied")
+    parameters = json.loads((tmp_path / "varied" / "phantom_parameters.json").read_text())
+    abnormal = [s for s in parameters["subjects"] if s["label"] == 1]
+    site_sets = {tuple(sorted(s["effect_strength"])) for s in abnormal}
+    assert len(site_sets) > 1, "every abnormal subject has the same atrophy sites"
+    assert all(set(s["effect_strength"]) <= set(REGIONS) and s["effect_strength"] for s in abnormal)
+    assert len({round(s["deformation_mm"], 3) for s in parameters["subjects"]}) == 12
+    assert len({tuple(s["head_scale_xyz"]) for s in parameters["subjects"]}) == 12
+    # the ground truth is still the subject minus its own healthy render, zero where no site was planted
+    import SimpleITK as sitk
+
+    subject = abnormal[0]
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "varied" / subject["image"])))
+    healthy = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "varied" / subject["counterpart"])))
+    diff = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "varied" / subject["diff"])))
+    assert np.allclose(image - healthy, diff, atol=1e-4) and diff.min() < -1.0 and diff.max() <= 1e-4
+    assert csv_path.exists()
+
+
+def test_fixed_recipe_is_unchanged_by_the_variation_streams(tmp_path):
+    """Cohorts made before the varied recipe existed must come out bit-identical (shipped samples, old results)."""
+    from CounterfactualVAResearch.data.phantom import generate_phantom_cohort
+
+    generate_phantom_cohort(tmp_path / "a", n_subjects=2, spacing_mm=8.0, seed=9)
+    parameters = json.loads((tmp_path / "a" / "phantom_parameters.json").read_text())
+    assert all(s["deformation_mm"] == 2.0 and s["head_scale_xyz"] == [1.0, 1.0, 1.0] for s in parameters["subjects"])
+    abnormal = [s for s in parameters["subjects"] if s["label"] == 1]
+    assert all(set(s["effect_strength"]) == {"hippocampus_left", "hippocampus_right", "ventricles"} for s in abnormal)
