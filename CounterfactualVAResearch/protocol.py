@@ -112,44 +112,81 @@ def _resolve_references(config: dict, model_files: dict) -> dict:
     return out
 
 
-def train_models(protocol: dict, csv_path: Path, out: Path, device: str) -> tuple[dict, dict]:
-    """Train (or reuse) every model; returns ({name: model file}, {name: training summary})."""
+def _references(config: dict) -> list[str]:
+    return [v[1:] for v in config.values() if isinstance(v, str) and v.startswith("@")]
+
+
+def _train_one(name: str, spec: dict, protocol: dict, csv_path: Path, out: Path, device: str, files: dict) -> None:
+    """Train one model of the protocol (resuming an interrupted run); its wall time is kept beside it."""
     from CounterfactualVATrainingLib.loop import TrainingConfig, train
 
-    files, summaries = {}, {}
-    for name, spec in protocol["models"].items():
-        run_dir = out / "models" / name
-        model_file = run_dir / "model.safetensors"
-        started = time.perf_counter()
-        if model_file.is_file():
-            _log(f"{name}: reusing {model_file}")
+    run_dir = out / "models" / name
+    started = time.perf_counter()
+    settings = {**protocol.get("training", {}), **spec.get("training", {}), **({"seed": spec["seed"]} if "seed" in spec else {})}
+    _log(f"{name}: training {spec['method']} for {spec['steps']} steps"
+         + (f" or {settings['time_budget_minutes']:g} min" if settings.get("time_budget_minutes") else ""))
+    config = TrainingConfig(
+        method=spec["method"],
+        data=str(csv_path),
+        out=str(run_dir),
+        preprocessing={**protocol["preprocessing"], **spec.get("preprocessing", {})},
+        method_config=_resolve_references(spec.get("config", {}), files),
+        steps=int(spec["steps"]),
+        batch_size=spec.get("batch_size"),
+        patch_size=spec.get("patch_size"),
+        device=device,
+        resume=(run_dir / "checkpoint.pt").is_file(),
+        command=f"counterfactualva protocol (model {name})",
+        **settings,
+    )
+    if train(config) is None:
+        raise RuntimeError(f"training of {name} stopped; run the same protocol command again to resume.")
+    # wall time kept beside the model, so a rerun that reuses the model still reports it
+    (run_dir / "protocol_timing.json").write_text(json.dumps({"wall_s": round(time.perf_counter() - started, 1)}))
+
+
+def train_models(protocol: dict, csv_path: Path, out: Path, device: str, jobs: int = 1) -> tuple[dict, dict]:
+    """Train (or reuse) every model, `jobs` of them side by side (a model that names another as "@name"
+    waits for it); returns ({name: model file}, {name: training summary})."""
+    specs = protocol["models"]
+    files = {name: out / "models" / name / "model.safetensors" for name in specs}
+    pending = []
+    for name in specs:
+        if files[name].is_file():
+            _log(f"{name}: reusing {files[name]}")
         else:
-            _log(f"{name}: training {spec['method']} for {spec['steps']} steps")
-            config = TrainingConfig(
-                method=spec["method"],
-                data=str(csv_path),
-                out=str(run_dir),
-                preprocessing={**protocol["preprocessing"], **spec.get("preprocessing", {})},
-                method_config=_resolve_references(spec.get("config", {}), files),
-                steps=int(spec["steps"]),
-                batch_size=spec.get("batch_size"),
-                device=device,
-                resume=(run_dir / "checkpoint.pt").is_file(),
-                command=f"counterfactualva protocol (model {name})",
-                **{**protocol.get("training", {}), **({"seed": spec["seed"]} if "seed" in spec else {})},
-            )
-            if train(config) is None:
-                raise RuntimeError(f"training of {name} stopped; run the same protocol command again to resume.")
-            # wall time kept beside the model, so a rerun that reuses the model still reports it
-            (run_dir / "protocol_timing.json").write_text(json.dumps({"wall_s": round(time.perf_counter() - started, 1)}))
-        files[name] = model_file
-        timing_file = run_dir / "protocol_timing.json"
-        training = read_metadata(model_file).training
+            pending.append(name)
+    if jobs <= 1:
+        for name in pending:
+            _train_one(name, specs[name], protocol, csv_path, out, device, files)
+    else:
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            running = {}
+            while pending or running:
+                for name in list(pending):
+                    ready = all(files[d].is_file() for d in _references(specs[name].get("config", {})))
+                    if ready and len(running) < jobs:
+                        running[pool.submit(_train_one, name, specs[name], protocol, csv_path, out, device, files)] = name
+                        pending.remove(name)
+                if not running:
+                    raise ValueError(f"models {pending} name models that are not in the protocol or cannot be trained first.")
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    running.pop(future)
+                    future.result()  # a failed training stops the protocol with its own error
+    summaries = {}
+    for name, spec in specs.items():
+        timing_file = files[name].parent / "protocol_timing.json"
+        training = read_metadata(files[name]).training
         summaries[name] = {
             "method": spec["method"],
-            "steps": int(spec["steps"]),
+            "steps": training.get("steps", int(spec["steps"])),
             "selected_step": training.get("selected_step"),
             "device": training.get("device"),
+            "training_minutes": training.get("training_minutes"),
             "wall_s": json.loads(timing_file.read_text())["wall_s"] if timing_file.is_file() else None,
         }
     return files, summaries
@@ -334,7 +371,7 @@ def write_report(protocol: dict, report: dict, path: Path) -> None:
         Path(tmp).write_text("\n".join(lines))
 
 
-def run_protocol(config_path, out=None, device: str = "auto") -> dict:
+def run_protocol(config_path, out=None, device: str = "auto", jobs: int = 1) -> dict:
     protocol = read_protocol(config_path)
     out = Path(out or Path("runs") / Path(config_path).stem)
     out.mkdir(parents=True, exist_ok=True)
@@ -342,7 +379,7 @@ def run_protocol(config_path, out=None, device: str = "auto") -> dict:
     started = time.perf_counter()
     _log(f"{protocol['name']} -> {out}")
     csv_path = generate_data(protocol["data"], out)
-    files, training = train_models(protocol, csv_path, out, device)
+    files, training = train_models(protocol, csv_path, out, device, jobs)
     results = evaluate_rows(protocol, files, csv_path, out, device)
     report = {
         "protocol": protocol,

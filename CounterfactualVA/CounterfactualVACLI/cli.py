@@ -137,7 +137,7 @@ def cmd_evaluate(args) -> int:
 def cmd_protocol(args) -> int:
     from CounterfactualVAResearch.protocol import run_protocol
 
-    run_protocol(args.config, out=args.out, device=args.device)
+    run_protocol(args.config, out=args.out, device=args.device, jobs=args.jobs)
     return 0
 
 
@@ -251,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="protocol file (JSON), e.g. benchmarks/protocols/vantgan_table1.json")
     p.add_argument("--out", default=None, help="run folder (default: runs/<protocol file name>); finished stages are reused")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--jobs", type=int, default=1, help="train this many models side by side (e.g. 2 on two CPU cores, one torch thread each)")
     p.set_defaults(func=cmd_protocol)
 
     p = sub.add_parser("methods", help="list the methods with their attribute options and training configuration keys")
