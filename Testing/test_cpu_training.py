@@ -119,3 +119,38 @@ def test_fixed_recipe_is_unchanged_by_the_variation_streams(tmp_path):
     assert all(s["deformation_mm"] == 2.0 and s["head_scale_xyz"] == [1.0, 1.0, 1.0] for s in parameters["subjects"])
     abnormal = [s for s in parameters["subjects"] if s["label"] == 1]
     assert all(set(s["effect_strength"]) == {"hippocampus_left", "hippocampus_right", "ventricles"} for s in abnormal)
+
+
+def test_position_channels_give_a_patch_the_coordinates_it_has_in_the_whole_grid():
+    from CounterfactualVALib.networks.position import grid_coordinates
+
+    cohort = _cohort()
+    sampler = UnpairedSampler(cohort, batch_size=2, patch_size=(8, 8, 8))
+    batch = sampler.batch(step_generator(3, 1), torch.device("cpu"))
+    whole = grid_coordinates(tuple(cohort.images.shape[2:]))
+    volume = int(np.prod(cohort.images.shape[2:]))
+    for abnormal, coords in zip(batch["abnormal"], batch["coords"]):
+        z, y, x = np.unravel_index(int(abnormal[0, 0, 0, 0]) % volume, cohort.images.shape[2:])
+        assert torch.equal(coords, whole[:, z : z + 8, y : y + 8, x : x + 8])
+    assert whole[0, 0, 0, 0] == -1 and whole[0, -1, 0, 0] == 1 and whole[2, 0, 0, -1] == 1
+
+
+def test_position_channels_make_the_map_depend_on_where_a_voxel_is():
+    """Two identical patches at different places get different maps once the map generator has position
+    channels (and the same map without them): the generator can learn what is normal at a place."""
+    torch.manual_seed(0)
+    with_position = create_method("vantgan", 3, {**UNET, "position_channels": True}, training=True)
+    without = create_method("vantgan", 3, UNET, training=True)
+    for method in (with_position, without):
+        for p in method.networks["a2m"].parameters():  # a random map head, so the map is not ~0
+            torch.nn.init.normal_(p, 0.0, 0.3)
+    from CounterfactualVALib.networks.position import grid_coordinates
+
+    x = torch.rand(1, 1, 8, 8, 8) * 2 - 1
+    whole = grid_coordinates((16, 16, 16))
+    here, there = whole[None, :, :8, :8, :8], whole[None, :, 8:, 8:, 8:]
+    with torch.no_grad():
+        assert not torch.allclose(with_position._generate("a2m", x, here), with_position._generate("a2m", x, there))
+        assert torch.equal(without._generate("a2m", x, here), without._generate("a2m", x, there))
+    with pytest.raises(ValueError, match="position_channels needs generator=unet"):
+        create_method("vantgan", 3, {"ngf": 4, "n_blocks": 1, "position_channels": True})

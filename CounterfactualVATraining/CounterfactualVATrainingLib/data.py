@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from CounterfactualVALib.networks.position import grid_coordinates
 from CounterfactualVALib.preprocessing import PreprocessingConfig
 from CounterfactualVALib.transforms import LoadPreprocessd
 
@@ -84,7 +85,8 @@ class UnpairedSampler:
 
     With `patch_size` (numpy order, e.g. (z, y, x)) each pair is cropped to one patch at the same random
     position in both images: on images on a common grid the discriminator then compares like with like
-    anatomy, and a step costs the patch's voxels instead of the volume's.
+    anatomy, and a step costs the patch's voxels instead of the volume's. Patched batches also carry
+    "coords": the patch voxels' coordinates on the whole grid (for methods with position channels).
     """
 
     def __init__(self, cohort: CohortTensors, batch_size: int, patch_size: tuple[int, ...] | None = None):
@@ -103,6 +105,7 @@ class UnpairedSampler:
             if patch_size == spatial:
                 patch_size = None
         self.patch_size = patch_size
+        self.coordinates = grid_coordinates(spatial)[None] if patch_size is not None else None
 
     def _crop(self, tensors: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
         spatial = tensors[0].shape[2:]
@@ -118,10 +121,12 @@ class UnpairedSampler:
         pick_n = self.normal[torch.randint(len(self.normal), (self.batch_size,), generator=generator)]
         pick_a = self.abnormal[torch.randint(len(self.abnormal), (self.batch_size,), generator=generator)]
         tensors = [self.cohort.images[pick_n], self.cohort.images[pick_a], self.cohort.masks[pick_a]]
-        if self.patch_size is not None:
-            tensors = self._crop(tensors, generator)
-        normal, abnormal, mask = (t.to(device, non_blocking=True) for t in tensors)
-        return {"normal": normal, "abnormal": abnormal, "abnormal_mask": mask}
+        if self.patch_size is None:
+            normal, abnormal, mask = (t.to(device, non_blocking=True) for t in tensors)
+            return {"normal": normal, "abnormal": abnormal, "abnormal_mask": mask}
+        tensors.append(self.coordinates.expand(len(pick_n), *self.coordinates.shape[1:]))
+        normal, abnormal, mask, coords = (t.to(device, non_blocking=True) for t in self._crop(tensors, generator))
+        return {"normal": normal, "abnormal": abnormal, "abnormal_mask": mask, "coords": coords}
 
 
 def describe(cohort: CohortTensors, csv_path: str | Path) -> str:

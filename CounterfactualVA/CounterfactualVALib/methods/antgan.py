@@ -18,5 +18,5 @@ class ANTGAN(CycleTranslationMethod):
     inference_networks = ("a2n",)
     map_description = "counterfactual minus input = A2N(input) - input"
 
-    def to_normal(self, x: torch.Tensor) -> torch.Tensor:
-        return self.networks["a2n"](x)
+    def to_normal(self, x: torch.Tensor, coordinates: torch.Tensor | None = None) -> torch.Tensor:
+        return self._generate("a2n", x, coordinates)

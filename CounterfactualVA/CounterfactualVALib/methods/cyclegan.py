@@ -10,7 +10,9 @@ Adam 2e-4 (beta1 0.5) constant then linearly to zero over the second half, N(0, 
 outputs the map, image generators output ``x + change``. Their last layer starts near zero, so training
 starts at the identity (cycle and identity losses at their minimum, the map at zero) and the discriminators
 decide what changes. Without normalisation layers they behave the same on a training patch and on the whole
-volume, which patch training (`--patch-size`) needs. See docs/design.md ("3D on a CPU budget").
+volume, which patch training (`--patch-size`) needs. `position_channels=True` (U-Net generators only) gives
+every network the voxels' model-grid coordinates as extra input channels (:mod:`..networks.position`), so
+that what is normal *at a place* is learnt directly. See docs/design.md ("3D on a CPU budget").
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from monai.losses import PatchAdversarialLoss
 from torch import nn
 
 from ..networks import ImagePool, PatchGANDiscriminator, ResNetGenerator, init_normal_weights, linear_decay_schedule
+from ..networks.position import with_position
 from ..networks.vagan_networks import MapUNet
 from .base import AttributionResult, Method, TrainingContext
 
@@ -30,13 +33,16 @@ class ChangeGenerator(nn.Module):
 
     The map is ``2 * tanh`` of the U-Net's output, so it can move any voxel in [-1, 1] to any other."""
 
-    def __init__(self, spatial_dims: int, channels, role: str):
+    def __init__(self, spatial_dims: int, channels, role: str, position_channels: bool = False):
         super().__init__()
-        self.unet = MapUNet(spatial_dims, 1, 1, channels=tuple(channels), norm=None, head_init_std=1e-3)
+        in_channels = 1 + (spatial_dims if position_channels else 0)
+        self.unet = MapUNet(spatial_dims, in_channels, 1, channels=tuple(channels), norm=None, head_init_std=1e-3)
         self.role = role
+        self.position_channels = position_channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        change = 2.0 * torch.tanh(self.unet(x))
+    def forward(self, x: torch.Tensor, coordinates: torch.Tensor | None = None) -> torch.Tensor:
+        inputs = with_position(x, coordinates) if self.position_channels else x
+        change = 2.0 * torch.tanh(self.unet(inputs))
         return change if self.role == "map" else x + change
 
 
@@ -59,6 +65,8 @@ class CycleTranslationMethod(Method):
         # "resnet": the papers' generators; "unet": light change-predicting U-Nets (CPU budgets, patch training)
         "generator": "resnet",
         "unet_channels": [8, 16, 32, 64],
+        # model-grid coordinates as extra input channels of every network (generator="unet" only)
+        "position_channels": False,
     }
     training_defaults = {"batch_size": 1}
 
@@ -72,10 +80,13 @@ class CycleTranslationMethod(Method):
 
         if c["generator"] not in ("resnet", "unet"):
             raise ValueError(f"{self.name}: generator must be 'resnet' or 'unet', got {c['generator']!r}")
+        if c["position_channels"] and c["generator"] != "unet":
+            raise ValueError(f"{self.name}: position_channels needs generator=unet (the ResNet generators take one channel).")
+        position = bool(c["position_channels"])
 
         def generator(activation):
             if c["generator"] == "unet":
-                return ChangeGenerator(dims, c["unet_channels"], "map" if activation == "tanh2" else "image")
+                return ChangeGenerator(dims, c["unet_channels"], "map" if activation == "tanh2" else "image", position)
             return init_normal_weights(
                 ResNetGenerator(dims, 1, 1, c["ngf"], c["n_downsampling"], c["n_blocks"], output_activation=activation)
             )
@@ -83,15 +94,24 @@ class CycleTranslationMethod(Method):
         nets = {self.normal_generator: generator(self.normal_generator_activation)}
         if training:
             nets["n2a"] = generator("tanh")
-            nets["d_n"] = init_normal_weights(PatchGANDiscriminator(dims, 1, c["ndf"], c["n_layers_d"]))
-            nets["d_a"] = init_normal_weights(PatchGANDiscriminator(dims, 1, c["ndf"], c["n_layers_d"]))
+            d_channels = 1 + (dims if position else 0)
+            nets["d_n"] = init_normal_weights(PatchGANDiscriminator(dims, d_channels, c["ndf"], c["n_layers_d"]))
+            nets["d_a"] = init_normal_weights(PatchGANDiscriminator(dims, d_channels, c["ndf"], c["n_layers_d"]))
             self.pools = {"normal": ImagePool(c["pool_size"]), "abnormal": ImagePool(c["pool_size"])}
             self.adversarial = PatchAdversarialLoss(criterion="least_squares", no_activation_leastsq=True)
         return nets
 
-    def to_normal(self, x: torch.Tensor) -> torch.Tensor:
-        """The healthy counterpart of `x`."""
+    def to_normal(self, x: torch.Tensor, coordinates: torch.Tensor | None = None) -> torch.Tensor:
+        """The healthy counterpart of `x` (`coordinates`: a patch's position channels; None = x's whole grid)."""
         raise NotImplementedError
+
+    def _generate(self, name: str, x: torch.Tensor, coordinates: torch.Tensor | None) -> torch.Tensor:
+        net = self.networks[name]
+        return net(x, coordinates) if isinstance(net, ChangeGenerator) else net(x)
+
+    def _discriminate(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """`x` already carries its position channels when the method uses them (see training_step)."""
+        return self.networks[name](x)
 
     def attribute(self, x: torch.Tensor, **options) -> AttributionResult:
         with torch.no_grad():
@@ -116,36 +136,46 @@ class CycleTranslationMethod(Method):
         lam_id = c["identity_fraction"] * lam_cyc
         adv = self.adversarial
 
+        # both patches of a pair come from one position: one set of coordinates serves every image here
+        coords = batch.get("coords") if c["position_channels"] else None
+        if c["position_channels"]:
+            def placed(x):  # what the discriminators see: the image and where it is
+                return with_position(x, coords)
+        else:
+            def placed(x):
+                return x
+
         # Generators: fool both discriminators, close both cycles, leave in-domain images unchanged.
         for d in ("d_n", "d_a"):
             nets[d].requires_grad_(False)
         with ctx.autocast():
-            fake_n = self.to_normal(x_a)
-            fake_a = nets["n2a"](x_n)
-            rec_a = nets["n2a"](fake_n)
-            rec_n = self.to_normal(fake_a)
-            loss_gan = adv(nets["d_n"](fake_n), target_is_real=True, for_discriminator=False) + adv(
-                nets["d_a"](fake_a), target_is_real=True, for_discriminator=False
+            fake_n = self.to_normal(x_a, coords)
+            fake_a = self._generate("n2a", x_n, coords)
+            rec_a = self._generate("n2a", fake_n, coords)
+            rec_n = self.to_normal(fake_a, coords)
+            loss_gan = adv(nets["d_n"](placed(fake_n)), target_is_real=True, for_discriminator=False) + adv(
+                nets["d_a"](placed(fake_a)), target_is_real=True, for_discriminator=False
             )
             loss_cycle = (rec_a - x_a).abs().mean() + (rec_n - x_n).abs().mean()
             loss_identity = x_a.new_zeros(())
             if lam_id > 0:  # two generator passes saved when the identity term is off
-                loss_identity = (self.to_normal(x_n) - x_n).abs().mean() + (nets["n2a"](x_a) - x_a).abs().mean()
+                loss_identity = (self.to_normal(x_n, coords) - x_n).abs().mean() + (self._generate("n2a", x_a, coords) - x_a).abs().mean()
             loss_g = loss_gan + lam_cyc * loss_cycle + lam_id * loss_identity
         ctx.optimize("generators", loss_g)
 
         # Discriminators: real vs pooled fakes, loss halved as in the CycleGAN reference.
         for d in ("d_n", "d_a"):
             nets[d].requires_grad_(True)
-        pooled_n = self.pools["normal"].query(fake_n.detach().float(), ctx.generator).to(x_a.dtype)
-        pooled_a = self.pools["abnormal"].query(fake_a.detach().float(), ctx.generator).to(x_a.dtype)
+        # the pools keep each fake with its position channels: an earlier fake is shown where it was made
+        pooled_n = self.pools["normal"].query(placed(fake_n.detach()).float(), ctx.generator).to(x_a.dtype)
+        pooled_a = self.pools["abnormal"].query(placed(fake_a.detach()).float(), ctx.generator).to(x_a.dtype)
         with ctx.autocast():
             loss_d_n = 0.5 * (
-                adv(nets["d_n"](x_n), target_is_real=True, for_discriminator=True)
+                adv(nets["d_n"](placed(x_n)), target_is_real=True, for_discriminator=True)
                 + adv(nets["d_n"](pooled_n), target_is_real=False, for_discriminator=True)
             )
             loss_d_a = 0.5 * (
-                adv(nets["d_a"](x_a), target_is_real=True, for_discriminator=True)
+                adv(nets["d_a"](placed(x_a)), target_is_real=True, for_discriminator=True)
                 + adv(nets["d_a"](pooled_a), target_is_real=False, for_discriminator=True)
             )
             loss_d = loss_d_n + loss_d_a
