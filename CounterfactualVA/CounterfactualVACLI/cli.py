@@ -115,7 +115,8 @@ def cmd_generate(args) -> int:
         from CounterfactualVAResearch.data.phantom import generate_phantom_cohort
 
         csv_path = generate_phantom_cohort(
-            args.out, n_subjects=args.n, spacing_mm=args.spacing, effect_size=args.effect_size, seed=args.seed, oblique_degrees=args.oblique_degrees
+            args.out, n_subjects=args.n, spacing_mm=args.spacing, effect_size=args.effect_size, seed=args.seed,
+            oblique_degrees=args.oblique_degrees, recipe=args.recipe,
         )
     print(csv_path)
     return 0
@@ -232,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", default="box", choices=["box", "circle"])
     p.add_argument("--spacing", type=float, default=2.0, help="phantom spacing in mm")
     p.add_argument("--effect-size", type=float, default=0.5)
+    p.add_argument("--recipe", default=None, choices=["varied"],
+                   help="phantom: 'varied' draws atrophy sites (hippocampi, ventricles, cortical patches), strengths, "
+                        "deformation, head size, bias and noise per subject (default: the fixed recipe)")
     p.add_argument("--oblique-degrees", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)

@@ -73,7 +73,7 @@ STRENGTH_RANGE = (0.7, 1.3)
 #: cannot win by memorising one pattern (issue 9). Values are ranges drawn uniformly per subject.
 VARIED_RECIPE = {
     "regions": tuple(REGIONS),
-    "region_probability": 0.6,
+    "region_probability": 0.8,
     "strength_range": (0.5, 1.5),
     "deformation_mm": (1.0, 4.0),
     "scale_range": (0.94, 1.06),

@@ -33,10 +33,10 @@ class ChangeGenerator(nn.Module):
 
     The map is ``2 * tanh`` of the U-Net's output, so it can move any voxel in [-1, 1] to any other."""
 
-    def __init__(self, spatial_dims: int, channels, role: str, position_channels: bool = False):
+    def __init__(self, spatial_dims: int, channels, role: str, position_channels: bool = False, head_init_std: float = 1e-3):
         super().__init__()
         in_channels = 1 + (spatial_dims if position_channels else 0)
-        self.unet = MapUNet(spatial_dims, in_channels, 1, channels=tuple(channels), norm=None, head_init_std=1e-3)
+        self.unet = MapUNet(spatial_dims, in_channels, 1, channels=tuple(channels), norm=None, head_init_std=head_init_std)
         self.role = role
         self.position_channels = position_channels
 
@@ -67,6 +67,8 @@ class CycleTranslationMethod(Method):
         "unet_channels": [8, 16, 32, 64],
         # model-grid coordinates as extra input channels of every network (generator="unet" only)
         "position_channels": False,
+        # std of the U-Net generators' last layer at initialisation: ~0 starts at the identity
+        "unet_head_init_std": 1e-3,
     }
     training_defaults = {"batch_size": 1}
 
@@ -86,7 +88,7 @@ class CycleTranslationMethod(Method):
 
         def generator(activation):
             if c["generator"] == "unet":
-                return ChangeGenerator(dims, c["unet_channels"], "map" if activation == "tanh2" else "image", position)
+                return ChangeGenerator(dims, c["unet_channels"], "map" if activation == "tanh2" else "image", position, c["unet_head_init_std"])
             return init_normal_weights(
                 ResNetGenerator(dims, 1, 1, c["ngf"], c["n_downsampling"], c["n_blocks"], output_activation=activation)
             )
