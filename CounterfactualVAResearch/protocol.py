@@ -15,7 +15,10 @@
                {"label": "normative z-score", "normative": true}],  # vs the normal training subjects
       "medxgan": {"model": "<name>", "images": 8, "runs": 3, "inversion_steps": 500},
       "targets": {"rows": {"VANT-GAN": {"dice": 95.5, "iou": 91.4}}, "ncc_above": [[...], [...]], "validity_min": 0.9,
-                  "ncc_min": {"VANT-GAN": 0.5}, "judge_accuracy_min": 0.9},
+                  "ncc_min": {"VANT-GAN": 0.5}, "judge_accuracy_min": 0.9,
+                  "validity_rows": ["VANT-GAN", "ICAM"],        # validity_min asked of these rows only (default: all trained)
+                  "dice_above": [["medXGAN"], ["Grad-CAM"]],    # paper-rule Dice ordering
+                  "medxgan_cosine_min": 0.9},                   # medXGAN inversion convergence (needs "medxgan")
       "examples": 4
     }
 
@@ -257,7 +260,7 @@ def medxgan_checks(protocol: dict, files: dict, csv_path: Path, device) -> dict 
     return result
 
 
-def check_targets(protocol: dict, results: list[dict], judge: dict | None = None) -> list[dict]:
+def check_targets(protocol: dict, results: list[dict], judge: dict | None = None, medxgan: dict | None = None) -> list[dict]:
     """Each target as {"target", "measured", "met"}. Validity targets are only checked with a judge that
     reaches `judge_accuracy_min` itself."""
     targets = protocol.get("targets", {})
@@ -284,10 +287,24 @@ def check_targets(protocol: dict, results: list[dict], judge: dict | None = None
             "measured": f"lowest {lowest:.3f} vs highest {highest:.3f}",
             "met": lowest > highest,
         })
+    if "dice_above" in targets:
+        above, below = targets["dice_above"]
+        lowest = min(by_label[a]["paper_rule"]["dice"] for a in above)
+        highest = max(by_label[b]["paper_rule"]["dice"] for b in below)
+        checks.append({
+            "target": f"Dice of every one of {', '.join(above)} above every one of {', '.join(below)}",
+            "measured": f"lowest {100 * lowest:.1f} vs highest {100 * highest:.1f}",
+            "met": lowest > highest,
+        })
+    if "medxgan_cosine_min" in targets and medxgan:
+        cosine = medxgan["convergence"]["cosine_mean"]
+        checks.append({"target": f"medXGAN inversion convergence cosine >= {targets['medxgan_cosine_min']}", "measured": round(cosine, 3),
+                       "met": cosine >= targets["medxgan_cosine_min"]})
     if "validity_min" in targets and judge_ok:
+        asked = targets.get("validity_rows")
         for r in results:
             share = r.get("validity", {}).get("counterfactuals_called_normal")
-            if share is not None and not r["label"].endswith("untrained"):
+            if share is not None and not r["label"].endswith("untrained") and (asked is None or r["label"] in asked):
                 checks.append({"target": f"{r['label']}: counterfactuals called normal >= {100 * targets['validity_min']:.0f}%", "measured": f"{100 * share:.0f}%", "met": share >= targets["validity_min"]})
     return checks
 
@@ -396,7 +413,7 @@ def run_protocol(config_path, out=None, device: str = "auto", jobs: int = 1) -> 
             for r in results:  # a judge that cannot tell the classes apart measures nothing about counterfactuals
                 r.pop("validity", None)
                 r.pop("perturbation", None)
-    report["targets"] = check_targets(protocol, results, report.get("judge"))
+    report["targets"] = check_targets(protocol, results, report.get("judge"), report.get("medxgan"))
     if protocol.get("examples", 4):
         save_examples(protocol, results, files, csv_path, out / "examples.png", int(protocol.get("examples", 4)))
     report["wall_s"] = round(time.perf_counter() - started, 1)

@@ -83,6 +83,24 @@ def test_targets_are_checked_and_reported_honestly(tiny_run):
     assert not any(t.startswith("VANT-GAN, untrained:") for t in checks)  # validity is asked of trained rows only
 
 
+def test_targets_for_named_rows_orderings_and_medxgan_convergence():
+    def row(label, dice, called_normal=None):
+        r = {"label": label, "paper_rule": {"dice": dice, "iou": dice / 2, "ncc": 0.5}}
+        if called_normal is not None:
+            r["validity"] = {"counterfactuals_called_normal": called_normal}
+        return r
+
+    results = [row("VANT-GAN", 0.9, 0.95), row("VA-GAN", 0.8, 0.1), row("medXGAN", 0.2, 0.0), row("Grad-CAM", 0.25)]
+    protocol = {"targets": {"validity_min": 0.9, "validity_rows": ["VANT-GAN"], "dice_above": [["medXGAN"], ["Grad-CAM"]], "medxgan_cosine_min": 0.9}}
+    checks = {c["target"]: c for c in check_targets(protocol, results, medxgan={"convergence": {"cosine_mean": 0.15}})}
+    assert checks["VANT-GAN: counterfactuals called normal >= 90%"]["met"] is True
+    assert not any(t.startswith("VA-GAN:") for t in checks)  # validity asked of the named rows only
+    assert checks["Dice of every one of medXGAN above every one of Grad-CAM"] == {
+        "target": "Dice of every one of medXGAN above every one of Grad-CAM", "measured": "lowest 20.0 vs highest 25.0", "met": False}
+    assert checks["medXGAN inversion convergence cosine >= 0.9"]["met"] is False
+    assert check_targets({"targets": {"medxgan_cosine_min": 0.9}}, results) == []  # no medXGAN checks run: nothing to claim
+
+
 def test_evaluation_refuses_a_split_without_ground_truth(tiny_run):
     out, _ = tiny_run
     with pytest.raises(ValueError, match="no abnormal subjects with a ground-truth mask in split 'holdout'"):
@@ -91,7 +109,7 @@ def test_evaluation_refuses_a_split_without_ground_truth(tiny_run):
 
 def test_every_shipped_protocol_file_is_valid():
     names = sorted(p.name for p in PROTOCOLS.glob("*.json"))
-    assert {"synthetic_tiny.json", "synthetic_reduced.json", "synthetic_paper.json", "phantom3d_reduced.json", "phantom3d_paper.json"} <= set(names)
+    assert {"synthetic_tiny.json", "synthetic_reduced.json", "synthetic_64.json", "synthetic_paper.json", "phantom3d_reduced.json", "phantom3d_paper.json"} <= set(names)
     for path in PROTOCOLS.glob("*.json"):
         protocol = read_protocol(path)
         for name, spec in protocol["models"].items():
