@@ -30,10 +30,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..method_options import OptionSpec
 from ..networks import ImagePool, PatchGANDiscriminator, ResNetGenerator, init_normal_weights, linear_decay_schedule
 from ..networks.attention import AttentionNetwork
-from ..method_options import OptionSpec
 from .base import AttributionResult, Method, TrainingContext
+from .losses import AdversarialLoss
 
 
 def compose(x: torch.Tensor, translated: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
@@ -74,8 +75,7 @@ class AttentionCycleGAN(Method):
 
     def __init__(self, spatial_dims: int, config: dict | None = None, training: bool = False):
         super().__init__(spatial_dims, config, training)
-        if self.config["gan_loss"] not in ("hinge", "lsgan"):
-            raise ValueError(f"agcyclegan: gan_loss must be 'hinge' or 'lsgan', got {self.config['gan_loss']!r}")
+        self.adversarial = AdversarialLoss({"hinge": "hinge", "lsgan": "least_squares"}[self.config["gan_loss"]])
 
     def build_networks(self, training: bool):
         c, dims = self.config, self.spatial_dims
@@ -127,17 +127,10 @@ class AttentionCycleGAN(Method):
             "discriminators": (torch.optim.Adam(discs, lr=c["lr_d"], betas=betas), schedule),
         }
 
-    def _generator_loss(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if self.config["gan_loss"] == "hinge":
-            return -logits.mean()
-        return (logits - 1.0).pow(2).mean()
-
     def _discriminator_loss(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-        real_logits, fake_logits = real_logits.float(), fake_logits.float()
-        if self.config["gan_loss"] == "hinge":
-            return torch.relu(1.0 - real_logits).mean() + torch.relu(1.0 + fake_logits).mean()
-        return 0.5 * ((real_logits - 1.0).pow(2).mean() + fake_logits.pow(2).mean())
+        """Hinge: the SA-GAN sum; least squares: halved as in the CycleGAN reference."""
+        loss = self.adversarial.real(real_logits) + self.adversarial.fake(fake_logits)
+        return 0.5 * loss if self.adversarial.criterion == "least_squares" else loss
 
     def _region(self, image: torch.Tensor, attention: torch.Tensor, frozen: bool) -> torch.Tensor:
         """What a discriminator sees: the whole image in the first stage, the attended region in the second."""
@@ -160,7 +153,7 @@ class AttentionCycleGAN(Method):
             fake_a, att_n = self.translate(x_n, "n2a")
             rec_a, _ = self.translate(fake_n, "n2a")
             rec_n, _ = self.translate(fake_a, "a2n")
-            loss_gan = self._generator_loss(nets["d_n"](self._region(fake_n, att_a, frozen))) + self._generator_loss(
+            loss_gan = self.adversarial.generator(nets["d_n"](self._region(fake_n, att_a, frozen))) + self.adversarial.generator(
                 nets["d_a"](self._region(fake_a, att_n, frozen))
             )
             loss_cycle = (rec_a - x_a).abs().float().mean() + (rec_n - x_n).abs().float().mean()

@@ -47,9 +47,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ..method_options import OptionSpec
 from ..networks import init_normal_weights
 from ..networks.classifier import ConvClassifier, LogOdds
-from ..method_options import OptionSpec
 from .base import AttributionResult, Method, TrainingContext
 
 EXPLAINERS = ("cam", "gradcam", "integrated_gradients", "occlusion")

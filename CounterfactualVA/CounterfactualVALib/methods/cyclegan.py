@@ -18,7 +18,6 @@ that what is normal *at a place* is learnt directly. See docs/design.md ("3D on 
 from __future__ import annotations
 
 import torch
-from monai.losses import PatchAdversarialLoss
 
 from torch import nn
 
@@ -26,6 +25,7 @@ from ..networks import ImagePool, PatchGANDiscriminator, ResNetGenerator, init_n
 from ..networks.position import with_position
 from ..networks.vagan_networks import MapUNet
 from .base import AttributionResult, Method, TrainingContext
+from .losses import AdversarialLoss
 
 
 class ChangeGenerator(nn.Module):
@@ -100,7 +100,7 @@ class CycleTranslationMethod(Method):
             nets["d_n"] = init_normal_weights(PatchGANDiscriminator(dims, d_channels, c["ndf"], c["n_layers_d"]))
             nets["d_a"] = init_normal_weights(PatchGANDiscriminator(dims, d_channels, c["ndf"], c["n_layers_d"]))
             self.pools = {"normal": ImagePool(c["pool_size"]), "abnormal": ImagePool(c["pool_size"])}
-            self.adversarial = PatchAdversarialLoss(criterion="least_squares", no_activation_leastsq=True)
+            self.adversarial = AdversarialLoss("least_squares")
         return nets
 
     def to_normal(self, x: torch.Tensor, coordinates: torch.Tensor | None = None) -> torch.Tensor:
@@ -155,9 +155,7 @@ class CycleTranslationMethod(Method):
             fake_a = self._generate("n2a", x_n, coords)
             rec_a = self._generate("n2a", fake_n, coords)
             rec_n = self.to_normal(fake_a, coords)
-            loss_gan = adv(nets["d_n"](placed(fake_n)), target_is_real=True, for_discriminator=False) + adv(
-                nets["d_a"](placed(fake_a)), target_is_real=True, for_discriminator=False
-            )
+            loss_gan = adv.generator(nets["d_n"](placed(fake_n))) + adv.generator(nets["d_a"](placed(fake_a)))
             loss_cycle = (rec_a - x_a).abs().mean() + (rec_n - x_n).abs().mean()
             loss_identity = x_a.new_zeros(())
             if lam_id > 0:  # two generator passes saved when the identity term is off
@@ -172,14 +170,8 @@ class CycleTranslationMethod(Method):
         pooled_n = self.pools["normal"].query(placed(fake_n.detach()).float(), ctx.generator).to(x_a.dtype)
         pooled_a = self.pools["abnormal"].query(placed(fake_a.detach()).float(), ctx.generator).to(x_a.dtype)
         with ctx.autocast():
-            loss_d_n = 0.5 * (
-                adv(nets["d_n"](placed(x_n)), target_is_real=True, for_discriminator=True)
-                + adv(nets["d_n"](pooled_n), target_is_real=False, for_discriminator=True)
-            )
-            loss_d_a = 0.5 * (
-                adv(nets["d_a"](placed(x_a)), target_is_real=True, for_discriminator=True)
-                + adv(nets["d_a"](pooled_a), target_is_real=False, for_discriminator=True)
-            )
+            loss_d_n = 0.5 * (adv.real(nets["d_n"](placed(x_n))) + adv.fake(nets["d_n"](pooled_n)))
+            loss_d_a = 0.5 * (adv.real(nets["d_a"](placed(x_a))) + adv.fake(nets["d_a"](pooled_a)))
             loss_d = loss_d_n + loss_d_a
         ctx.optimize("discriminators", loss_d)
         return {

@@ -54,11 +54,13 @@ into the configuration saved with the model file. Grids whose sides are not mult
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..method_options import OptionSpec
 from ..networks import init_normal_weights, linear_decay_schedule
 from ..networks.icam_networks import (
     AttributeEncoder,
@@ -71,10 +73,11 @@ from ..networks.icam_networks import (
     latent_grid,
     pad_to_multiple,
 )
-from ..method_options import OptionSpec
 from .base import AttributionResult, Method, TrainingContext
+from .losses import AdversarialLoss, bce_with_logits, gaussian_kl, pair_l1, pair_l2
 
 _DIRECTIONS = ("to_normal", "to_abnormal", "auto")
+_ADVERSARIAL = AdversarialLoss("bce")  # both domain discriminators (the reference's BCE-with-logits GAN)
 
 
 def select_codes(probabilities: torch.Tensor, n: int, threshold: float) -> tuple[torch.Tensor, int]:
@@ -399,29 +402,31 @@ class ICAM(Method):
             ),
         }
 
-    @staticmethod
-    def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
-        logits = logits.float()
-        return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
-
+    # --- training: one step is four phases, each a function of the translations of the step's batch ---------
     def training_step(self, batch, ctx: TrainingContext):
-        nets, c = self.networks, self.config
+        t = self._translate(batch, ctx)
+        loss_dc = self._update_content_discriminator(t, ctx)
+        discriminator_logs = self._update_domain_discriminators(t, ctx)
+        generator_logs, attr_accuracy = self._update_encoders_generator(t, ctx)
+        return {
+            **generator_logs,
+            **discriminator_logs,
+            "loss_d_content": loss_dc.item(),
+            "train_attr_accuracy": attr_accuracy.item(),
+            "rejection_accepted_fraction": t.accepted / float(2 * t.n),
+        }
+
+    def _translate(self, batch, ctx: TrainingContext) -> "_Translations":
+        """Encode both images of each (normal, abnormal) pair, then decode reconstructions, swaps and random-code
+        translations (graph kept for the encoder/generator update)."""
+        c = self.config
         x_raw, y_raw = batch["normal"], batch["abnormal"]
         n = min(x_raw.shape[0], y_raw.shape[0])  # swaps pair the i-th normal with the i-th abnormal image
         x_raw, y_raw = x_raw[:n], y_raw[:n]
         self._check_grid(x_raw)
-        m = self.multiple
-        x, shape = pad_to_multiple(x_raw, m)
-        y, _ = pad_to_multiple(y_raw, m)
+        x, shape = pad_to_multiple(x_raw, self.multiple)
+        y, _ = pad_to_multiple(y_raw, self.multiple)
         labels = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)]).to(x.device)
-
-        def crop(t):
-            return crop_to(t, shape)
-
-        def repad(t):  # a generated (padded-grid) image as the encoders see real ones: cropped, replicate-padded
-            return pad_to_multiple(crop(t), m)[0]
-
-        # --- forward pass of encoders and generator (graph kept for the E/G update) ---------------
         with ctx.autocast():
             z_c_x, mu_x, logvar_x = self.encode(x)
             z_c_y, mu_y, logvar_y = self.encode(y)
@@ -429,131 +434,153 @@ class ICAM(Method):
         latent = tuple(mu_x.shape[1:])
         z_a_x = mu_x + torch.exp(0.5 * logvar_x) * ctx.randn(n, *latent)
         z_a_y = mu_y + torch.exp(0.5 * logvar_y) * ctx.randn(n, *latent)
-
         # random attribute codes of the opposite class (x -> abnormal, y -> normal), rejection-sampled
         n_cand = max(int(c["rejection_candidates"]), n)
         thr = float(c["rejection_threshold"])
         z_r1, acc1, _ = self.sample_codes(n, 1, latent, thr, n_cand, n_cand, ctx.randn)
         z_r0, acc0, _ = self.sample_codes(n, 0, latent, thr, n_cand, n_cand, ctx.randn)
-
         with ctx.autocast():
-            G = nets["generator"]
-            rec_x = G(z_c_x, z_a_x)
-            rec_y = G(z_c_y, z_a_y)
-            swap_x = G(z_c_x, z_a_y)  # x made abnormal
-            swap_y = G(z_c_y, z_a_x)  # y made normal
-            rand_x = G(z_c_x, z_r1)
-            rand_y = G(z_c_y, z_r0)
+            G = self.networks["generator"]
+            images = {
+                "rec_x": G(z_c_x, z_a_x),
+                "rec_y": G(z_c_y, z_a_y),
+                "swap_x": G(z_c_x, z_a_y),  # x made abnormal
+                "swap_y": G(z_c_y, z_a_x),  # y made normal
+                "rand_x": G(z_c_x, z_r1),
+                "rand_y": G(z_c_y, z_r0),
+            }
+        return _Translations(
+            n=n, shape=shape, latent=latent, labels=labels, x=x_raw, y=y_raw, z_c=(z_c_x, z_c_y), mu=(mu_x, mu_y),
+            logvar=(logvar_x, logvar_y), random_codes=(z_r1, z_r0), accepted=acc0 + acc1, multiple=self.multiple, **images,
+        )
 
-        # --- content discriminator: tell the class from z_c --------------------------------------
+    def _update_content_discriminator(self, t: "_Translations", ctx: TrainingContext) -> torch.Tensor:
+        """D_c learns the class of the content codes."""
+        c = self.config
         with ctx.autocast():
-            dc_logits = nets["d_content"](torch.cat([z_c_x, z_c_y]).detach())
-        loss_dc = F.binary_cross_entropy_with_logits(dc_logits.float().squeeze(1), labels.float())
+            dc_logits = self.networks["d_content"](torch.cat(t.z_c).detach())
+        loss_dc = F.binary_cross_entropy_with_logits(dc_logits.float().squeeze(1), t.labels.float())
         ctx.optimize("content_discriminator", c["lambda_content_adv"] * loss_dc, clip_grad_norm=float(c["content_dis_clip"]))
+        return loss_dc
 
-        # --- domain discriminators: real vs translated, and the class of real images -------------
-        reals = torch.cat([x_raw, y_raw])
-        fakes_swap = crop(torch.cat([swap_x, swap_y])).detach()
-        fakes_rand = crop(torch.cat([rand_x, rand_y])).detach()
+    def _update_domain_discriminators(self, t: "_Translations", ctx: TrainingContext) -> dict:
+        """Both domain discriminators: real vs translated (swaps, random codes), and the class of real images."""
+        nets, c = self.networks, self.config
+        reals = torch.cat([t.x, t.y])
+        fakes = {"d_swap": t.crop(torch.cat([t.swap_x, t.swap_y])).detach(), "d_random": t.crop(torch.cat([t.rand_x, t.rand_y])).detach()}
         losses_d = {}
         with ctx.autocast():
             loss_d = 0.0
-            for name, fakes in (("d_swap", fakes_swap), ("d_random", fakes_rand)):
+            for name in ("d_swap", "d_random"):
                 adv_real, cls_real = nets[name](reals)
-                adv_fake, _ = nets[name](fakes)
-                gan = self._bce(adv_real, 1.0) + self._bce(adv_fake, 0.0)
-                cls = F.cross_entropy(cls_real.float(), labels)
+                adv_fake, _ = nets[name](fakes[name])
+                gan = _ADVERSARIAL.real(adv_real) + _ADVERSARIAL.fake(adv_fake)
+                cls = F.cross_entropy(cls_real.float(), t.labels)
                 losses_d[name] = (gan, cls)
                 loss_d = loss_d + c["lambda_gan"] * gan + c["lambda_dis_cls"] * cls
         ctx.optimize("discriminators", loss_d)
-
-        # --- encoders, generator, classifier ---------------------------------------------------------
-        frozen = ("d_swap", "d_random", "d_content")
-        for name in frozen:
-            nets[name].requires_grad_(False)
-        fake_labels = 1 - labels  # swap_x / rand_x are abnormal, swap_y / rand_y normal
-        with ctx.autocast():
-            # adversarial and class losses of the translations
-            loss_gan = 0.0
-            loss_gen_cls = 0.0
-            for name, fakes in (("d_swap", crop(torch.cat([swap_x, swap_y]))), ("d_random", crop(torch.cat([rand_x, rand_y])))):
-                adv, cls = nets[name](fakes)
-                loss_gan = loss_gan + self._bce(adv, 1.0)
-                loss_gen_cls = loss_gen_cls + F.cross_entropy(cls.float(), fake_labels)
-            # content: undecidable class (0.5/0.5), small codes
-            loss_content_adv = self._bce(nets["d_content"](torch.cat([z_c_x, z_c_y])), 0.5)
-            loss_content_l2 = torch.cat([z_c_x, z_c_y]).float().pow(2).mean()
-            # cross cycle: re-encode the swaps and swap back
-            z_c_sx, mu_sx, logvar_sx = self.encode(repad(swap_x))
-            z_c_sy, mu_sy, logvar_sy = self.encode(repad(swap_y))
-            z_a_sx = mu_sx.float() + torch.exp(0.5 * logvar_sx.float()) * ctx.randn(n, *latent)
-            z_a_sy = mu_sy.float() + torch.exp(0.5 * logvar_sy.float()) * ctx.randn(n, *latent)
-            cc_x = G(z_c_sx, z_a_sy)  # x's content (carried by swap_x) with x's attribute (carried by swap_y)
-            cc_y = G(z_c_sy, z_a_sx)
-            # latent regression on the random-code translations
-            mu_rx, _ = nets["attribute_encoder"](repad(rand_x))
-            mu_ry, _ = nets["attribute_encoder"](repad(rand_y))
-        xc, yc = x_raw, y_raw
-
-        # image losses: mean over the voxels of both images of each pair (the reference's scale)
-        def l1(a, b, target_a, target_b):
-            return 0.5 * ((crop(a).float() - target_a.float()).abs().mean() + (crop(b).float() - target_b.float()).abs().mean())
-
-        def l2(a, b, target_a, target_b):
-            return 0.5 * ((crop(a).float() - target_a.float()).pow(2).mean() + (crop(b).float() - target_b.float()).pow(2).mean())
-
-        loss_rec_l1 = l1(rec_x, rec_y, xc, yc)
-        loss_rec_l2 = l2(rec_x, rec_y, xc, yc)
-        loss_cc_l1 = l1(cc_x, cc_y, xc, yc)
-        loss_cc_l2 = l2(cc_x, cc_y, xc, yc)
-        loss_fa = l1(swap_x, swap_y, xc, yc)  # the feature-attribution maps M = translation - its content source
-        loss_latent = (mu_rx.float() - z_r1).abs().mean() + (mu_ry.float() - z_r0).abs().mean()
-        # the classifier reads the attribute means of real images (the reference), random codes when sampling
-        attr_logits = self.classify(torch.cat([mu_x, mu_y]))
-        loss_attr_cls = F.cross_entropy(attr_logits, labels)
-        mu_all, logvar_all = torch.cat([mu_x, mu_y]), torch.cat([logvar_x, logvar_y])
-        kl = -0.5 * (1 + logvar_all - mu_all.pow(2) - logvar_all.exp())
-        loss_kl = kl.sum() / n  # summed over the latent and over the two images of a pair
-        loss_eg = (
-            c["lambda_rec_l1"] * loss_rec_l1
-            + c["lambda_rec_l2"] * loss_rec_l2
-            + c["lambda_cc_l1"] * loss_cc_l1
-            + c["lambda_cc_l2"] * loss_cc_l2
-            + c["lambda_gan"] * loss_gan
-            + c["lambda_gen_cls"] * loss_gen_cls
-            + c["lambda_attr_cls"] * loss_attr_cls
-            + c["lambda_content_adv"] * loss_content_adv
-            + c["lambda_kl"] * loss_kl
-            + c["lambda_content_l2"] * loss_content_l2
-            + c["lambda_latent"] * loss_latent
-            + c["lambda_fa"] * loss_fa
-        )
-        ctx.optimize("encoders_generator", loss_eg)
-        for name in frozen:
-            nets[name].requires_grad_(True)
-
-        with torch.no_grad():
-            attr_accuracy = (attr_logits.argmax(1) == labels).float().mean()
         return {
-            "loss_eg": loss_eg.item(),
-            "loss_rec_l1": loss_rec_l1.item(),
-            "loss_rec_l2": loss_rec_l2.item(),
-            "loss_cc_l1": loss_cc_l1.item(),
-            "loss_cc_l2": loss_cc_l2.item(),
-            "loss_gan": loss_gan.item(),
-            "loss_gen_cls": loss_gen_cls.item(),
-            "loss_attr_cls": loss_attr_cls.item(),
-            "loss_content_adv": loss_content_adv.item(),
-            "loss_kl": loss_kl.item(),
-            "loss_content_l2": loss_content_l2.item(),
-            "loss_latent": loss_latent.item(),
-            "loss_fa": loss_fa.item(),
             "loss_d": loss_d.item(),
             "loss_d_swap_gan": losses_d["d_swap"][0].item(),
             "loss_d_swap_cls": losses_d["d_swap"][1].item(),
             "loss_d_random_gan": losses_d["d_random"][0].item(),
             "loss_d_random_cls": losses_d["d_random"][1].item(),
-            "loss_d_content": loss_dc.item(),
-            "train_attr_accuracy": attr_accuracy.item(),
-            "rejection_accepted_fraction": (acc0 + acc1) / float(2 * n),
         }
+
+    def _update_encoders_generator(self, t: "_Translations", ctx: TrainingContext) -> tuple[dict, torch.Tensor]:
+        """Encoders, generator and latent classifier against the frozen discriminators: the weighted sum of
+        the terms below (weights: the ``lambda_*`` configuration keys); returns the logs and the latent
+        classifier's accuracy on the batch."""
+        nets, c, n, latent = self.networks, self.config, t.n, t.latent
+        G = nets["generator"]
+        frozen = ("d_swap", "d_random", "d_content")
+        for name in frozen:
+            nets[name].requires_grad_(False)
+        fake_labels = 1 - t.labels  # swap_x / rand_x are abnormal, swap_y / rand_y normal
+        with ctx.autocast():
+            # adversarial and class losses of the translations
+            loss_gan = 0.0
+            loss_gen_cls = 0.0
+            for name, fakes in (("d_swap", t.crop(torch.cat([t.swap_x, t.swap_y]))), ("d_random", t.crop(torch.cat([t.rand_x, t.rand_y])))):
+                adv, cls = nets[name](fakes)
+                loss_gan = loss_gan + _ADVERSARIAL.generator(adv)
+                loss_gen_cls = loss_gen_cls + F.cross_entropy(cls.float(), fake_labels)
+            # content: undecidable class (0.5/0.5), small codes
+            content = torch.cat(t.z_c)
+            loss_content_adv = bce_with_logits(nets["d_content"](content), 0.5)
+            loss_content_l2 = content.float().pow(2).mean()
+            # cross cycle: re-encode the swaps and swap back
+            z_c_sx, mu_sx, logvar_sx = self.encode(t.repad(t.swap_x))
+            z_c_sy, mu_sy, logvar_sy = self.encode(t.repad(t.swap_y))
+            z_a_sx = mu_sx.float() + torch.exp(0.5 * logvar_sx.float()) * ctx.randn(n, *latent)
+            z_a_sy = mu_sy.float() + torch.exp(0.5 * logvar_sy.float()) * ctx.randn(n, *latent)
+            cc_x = G(z_c_sx, z_a_sy)  # x's content (carried by swap_x) with x's attribute (carried by swap_y)
+            cc_y = G(z_c_sy, z_a_sx)
+            # latent regression on the random-code translations
+            mu_rx, _ = nets["attribute_encoder"](t.repad(t.rand_x))
+            mu_ry, _ = nets["attribute_encoder"](t.repad(t.rand_y))
+        # image losses: mean over the voxels of both images of each pair (the reference's scale)
+        targets = (t.x, t.y)
+        loss_rec_l1 = pair_l1((t.crop(t.rec_x), t.crop(t.rec_y)), targets)
+        loss_rec_l2 = pair_l2((t.crop(t.rec_x), t.crop(t.rec_y)), targets)
+        loss_cc_l1 = pair_l1((t.crop(cc_x), t.crop(cc_y)), targets)
+        loss_cc_l2 = pair_l2((t.crop(cc_x), t.crop(cc_y)), targets)
+        loss_fa = pair_l1((t.crop(t.swap_x), t.crop(t.swap_y)), targets)  # the feature-attribution maps M = translation - its content source
+        z_r1, z_r0 = t.random_codes
+        loss_latent = (mu_rx.float() - z_r1).abs().mean() + (mu_ry.float() - z_r0).abs().mean()
+        # the classifier reads the attribute means of real images (the reference), random codes when sampling
+        attr_logits = self.classify(torch.cat(t.mu))
+        loss_attr_cls = F.cross_entropy(attr_logits, t.labels)
+        loss_kl = gaussian_kl(torch.cat(t.mu), torch.cat(t.logvar), per=n)  # summed over the latent and the pair
+        terms = {
+            "rec_l1": loss_rec_l1,
+            "rec_l2": loss_rec_l2,
+            "cc_l1": loss_cc_l1,
+            "cc_l2": loss_cc_l2,
+            "gan": loss_gan,
+            "gen_cls": loss_gen_cls,
+            "attr_cls": loss_attr_cls,
+            "content_adv": loss_content_adv,
+            "kl": loss_kl,
+            "content_l2": loss_content_l2,
+            "latent": loss_latent,
+            "fa": loss_fa,
+        }
+        loss_eg = sum(c[f"lambda_{name}"] * term for name, term in terms.items())
+        ctx.optimize("encoders_generator", loss_eg)
+        for name in frozen:
+            nets[name].requires_grad_(True)
+        with torch.no_grad():
+            attr_accuracy = (attr_logits.argmax(1) == t.labels).float().mean()
+        return {"loss_eg": loss_eg.item(), **{f"loss_{name}": term.item() for name, term in terms.items()}}, attr_accuracy
+
+
+@dataclass
+class _Translations:
+    """One training step's batch (cropped to the model grid), its codes and its translations (padded grid)."""
+
+    n: int
+    shape: tuple
+    latent: tuple
+    labels: torch.Tensor
+    x: torch.Tensor  # normal images
+    y: torch.Tensor  # abnormal images
+    z_c: tuple  # content codes (x, y)
+    mu: tuple  # attribute means (x, y)
+    logvar: tuple
+    random_codes: tuple  # (abnormal codes for x, normal codes for y)
+    accepted: int
+    rec_x: torch.Tensor
+    rec_y: torch.Tensor
+    swap_x: torch.Tensor
+    swap_y: torch.Tensor
+    rand_x: torch.Tensor
+    rand_y: torch.Tensor
+    multiple: int = 1
+
+    def crop(self, image: torch.Tensor) -> torch.Tensor:
+        return crop_to(image, self.shape)
+
+    def repad(self, image: torch.Tensor) -> torch.Tensor:
+        """A generated (padded-grid) image as the encoders see real ones: cropped, replicate-padded."""
+        return pad_to_multiple(self.crop(image), self.multiple)[0]

@@ -35,11 +35,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..method_options import OptionSpec
 from ..networks import init_normal_weights
 from ..networks.medxgan_networks import FrozenNetwork, MedXGenerator, medxgan_discriminator
-from ..method_options import OptionSpec
 from .base import AttributionResult, Method, TrainingContext
 from .classifier import ClassifierBaseline
+from .losses import AdversarialLoss
+
+_ADVERSARIAL = AdversarialLoss("bce")  # the standard GAN game of the reference code
 
 
 class MedXGAN(Method):
@@ -179,16 +182,14 @@ class MedXGAN(Method):
             fake = nets["generator"](z1, z2)
             d_real = nets["discriminator"](real).float()
             d_fake = nets["discriminator"](fake.detach()).float()
-            loss_d = F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) + F.binary_cross_entropy_with_logits(
-                d_fake, torch.zeros_like(d_fake)
-            )
+            loss_d = _ADVERSARIAL.real(d_real) + _ADVERSARIAL.fake(d_fake)
         ctx.optimize("discriminator", loss_d)
 
         # Generator: fool D, and make the frozen classifier see the class the pathology code asks for (eq. 4).
         nets["discriminator"].requires_grad_(False)
         with ctx.autocast():
             d_gen = nets["discriminator"](fake).float()
-            loss_adv = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
+            loss_adv = _ADVERSARIAL.generator(d_gen)
             class_logits = self.classifier_logits(fake).float()
             loss_class = F.cross_entropy(class_logits, y)
             loss_g = loss_adv + c["lambda_class"] * loss_class
