@@ -26,24 +26,17 @@ table node in the scene.
 import importlib
 import importlib.util
 import json
-import logging
-import math
 import os
-import pathlib
-import queue
 import re
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from typing import Annotated, Callable
 
 import slicer
-import vtk
+import vtk  # noqa: F401  (the self-test and console users get it from here)
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -74,6 +67,20 @@ from CounterfactualVALib.slicer_support.framework import (  # noqa: E402  (stand
     qt,
     translate,
 )
+from CounterfactualVALib.slicer_support import process as processes  # noqa: E402
+from CounterfactualVALib.slicer_support import settings, training_process  # noqa: E402
+from CounterfactualVALib.slicer_support.requirements import DependencyHandler, describe_missing, missing_requirements  # noqa: E402
+from CounterfactualVALib.slicer_support.training_data import (  # noqa: E402,F401  (re-exported: the module's constants)
+    COHORT_CSV_NAME,
+    IMAGE_EXTENSIONS,
+    LOG_NAME,
+    MODEL_PATH_ATTRIBUTE,
+    RUN_FOLDER_ATTRIBUTE,
+    SERIES_COLORS,
+    DatasetPreviewMixin,
+    TrainingLogMixin,
+)
+from CounterfactualVALib.slicer_support.training_process import CHECKPOINT_NAME, EXIT_STOPPED, MODEL_NAME  # noqa: E402,F401
 
 #: the method registry's names (CounterfactualVALib.methods; checked by Testing/test_slicer_training_logic.py),
 #: listed here so that the panel can offer them without importing torch
@@ -84,81 +91,10 @@ CROPS = ("foreground", "image")
 INTENSITIES = ("percentile", "minmax", "none")
 SPATIAL_DIMS = (3, 2)
 DATA_SOURCES = ("cohort CSV", "two folders")
-IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-COHORT_CSV_NAME = "cohort.csv"
 REQUEST_NAME = "CounterfactualVATraining.json"
-CHECKPOINT_NAME = "checkpoint.pt"  # CounterfactualVATrainingLib.loop.CHECKPOINT_NAME (checked by the tests)
-MODEL_NAME = "model.safetensors"  # CounterfactualVATrainingLib.loop.MODEL_NAME
-LOG_NAME = "log.csv"
-#: exit code of `counterfactualva train` when it was stopped with a checkpoint (resumable)
-EXIT_STOPPED = 3
-MODEL_PATH_ATTRIBUTE = "CounterfactualVA.ModelPath"
-RUN_FOLDER_ATTRIBUTE = "CounterfactualVATraining.RunFolder"
-#: what the training process imports (checked before launching)
-REQUIRED_PACKAGES = {
-    "torch": None,  # from Slicer's PyTorch extension
-    "monai": "monai>=1.6,<1.7",
-    "safetensors": "safetensors>=0.4",
-    "SimpleITK": "SimpleITK>=2.3",
-    "numpy": "numpy>=1.24",
-    "scipy": "scipy>=1.10",
-    "tqdm": "tqdm>=4.60",
-}
-#: plot colours of the loss series (slicer-core scenes have no colour tables for SetUniqueColor)
-SERIES_COLORS = (
-    (0.12, 0.47, 0.71), (1.0, 0.5, 0.05), (0.17, 0.63, 0.17), (0.84, 0.15, 0.16), (0.58, 0.4, 0.74),
-    (0.55, 0.34, 0.29), (0.89, 0.47, 0.76), (0.5, 0.5, 0.5), (0.74, 0.74, 0.13), (0.09, 0.75, 0.81),
-)
-
-
-#
-# Where trained models are recorded
-#
-
-
-def trainedModelsFile() -> str:
-    """The JSON file that lists models trained through this module (``$COUNTERFACTUALVA_TRAINED_MODELS`` or
-    ``~/.counterfactualva/trained_models.json``)."""
-    override = os.environ.get("COUNTERFACTUALVA_TRAINED_MODELS")
-    if override:
-        return os.path.abspath(os.path.expanduser(override))
-    return os.path.join(os.path.expanduser("~"), ".counterfactualva", "trained_models.json")
-
-
-def trainedModels(existingOnly: bool = True) -> list:
-    """Models trained through this module, oldest first: dicts with path, method, run folder, data, time.
-
-    The CounterfactualVA module (or anyone) can offer ``trainedModels()[-1]["path"]`` as the newest model."""
-    path = trainedModelsFile()
-    try:
-        with open(path, encoding="utf-8") as f:
-            entries = json.load(f).get("models", [])
-    except (OSError, ValueError, AttributeError):
-        return []
-    entries = [e for e in entries if isinstance(e, dict) and e.get("path")]
-    if existingOnly:
-        entries = [e for e in entries if os.path.isfile(e["path"])]
-    return entries
-
-
-def recordTrainedModel(modelPath, **details) -> str:
-    """Append a model to :func:`trainedModelsFile` (replacing an older entry of the same path; at most 100
-    entries). Returns the JSON file's path."""
-    path = trainedModelsFile()
-    modelPath = os.path.abspath(str(modelPath))
-    entries = [e for e in trainedModels(existingOnly=False) if os.path.abspath(e["path"]) != modelPath]
-    entries.append({"path": modelPath, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S"), **details})
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"models": entries[-100:]}, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+CounterfactualVATrainingProcess = training_process.TrainingProcess
+trainedModelsFile, trainedModels, recordTrainedModel = (
+    training_process.trainedModelsFile, training_process.trainedModels, training_process.recordTrainedModel)
 
 
 #
@@ -202,13 +138,15 @@ if parameterNodeWrapper is not None:
         """The panel's settings, saved with the scene.
 
         size/spacing: the model grid as "x y [z]" (voxels, mm). batchSize 0: the method's default.
-        hyperParameters: method settings as key=value (whitespace or new lines between pairs).
+        hyperParameters: method settings as key=value (whitespace or new lines between pairs); a QPlainTextEdit,
+        bound by slicer_support.framework's connector that writes only changed text (the cursor stays put).
+        csvPath, normalFolder, abnormalFolder, outputFolder: text, "" when empty (never ".").
         """
 
         dataSource: Annotated[str, Choice(list(DATA_SOURCES))] = DATA_SOURCES[0]
-        csvPath: pathlib.Path = pathlib.Path("")
-        normalFolder: pathlib.Path = pathlib.Path("")
-        abnormalFolder: pathlib.Path = pathlib.Path("")
+        csvPath: str = ""
+        normalFolder: str = ""
+        abnormalFolder: str = ""
         method: Annotated[str, Choice(list(METHODS))] = "vantgan"
         spatialDims: Annotated[int, Choice(list(SPATIAL_DIMS))] = 3
         size: str = "64 64 64"
@@ -219,15 +157,13 @@ if parameterNodeWrapper is not None:
         steps: Annotated[int, WithinRange(1, 10_000_000)] = 1000
         batchSize: Annotated[int, WithinRange(0, 4096)] = 0
         device: Annotated[str, Choice(list(DEVICES))] = "auto"
-        outputFolder: pathlib.Path = pathlib.Path("")
+        outputFolder: str = ""
 
 else:
     CounterfactualVATrainingParameterNode = None
 
 
-def _pathText(value) -> str:
-    text = str(value or "")
-    return "" if text in ("", ".") else text
+_pathText = settings.path_text
 
 
 #
@@ -264,12 +200,28 @@ class CounterfactualVATrainingWidget(ParameterNodeWidgetMixin, ScriptedLoadableM
         self.initializeParameterNode()
 
     def cleanup(self):
+        """On application exit a running training is stopped with a checkpoint (resumable), with a dialog that
+        shows it and lets the user kill it at once; the GUI stays responsive meanwhile."""
         if self._process is not None:
-            self._process.stop(wait=True, timeout=60)  # leave a resumable checkpoint rather than an orphan process
+            self._stopWithFeedback(self._process)
             self._process = None
         if self._timer is not None:
             self._timer.stop()
         self.removeObservers()
+
+    @staticmethod
+    def _stopWithFeedback(process, timeout: float = 120.0):
+        process.stop(wait=False)
+        dialog = qt.QProgressDialog(_("Stopping the training: finishing the current step and writing its checkpoint..."), _("Kill now"), 0, 0)
+        dialog.setWindowTitle(_("Counterfactual VA Training"))
+        dialog.show()
+        deadline = time.monotonic() + timeout
+        while not process.poll():
+            if dialog.wasCanceled or time.monotonic() > deadline:
+                process.kill()
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        dialog.close()
 
     def onReload(self):
         """Developer 'Reload': the training process always starts with fresh library code; reload the
@@ -349,6 +301,8 @@ class CounterfactualVATrainingWidget(ParameterNodeWidgetMixin, ScriptedLoadableM
                 self._addLog(_("Python packages are missing; installation was declined."))
                 return
             output = _pathText(p.outputFolder)
+            for field in (self.ui.outputFolderLineEdit, *((self.ui.normalFolderLineEdit, self.ui.abnormalFolderLineEdit) if self._usesFolders() else (self.ui.csvPathLineEdit,))):
+                field.addCurrentPathToHistory()  # ctkPathLineEdit's own history under its settingKey
             common = dict(waitForCompletion=False, progressCallback=self._onProgress, logCallback=self._addLog)
             if resume and os.path.isfile(os.path.join(output, REQUEST_NAME)):
                 self._process = self.logic.resume(output, steps=p.steps, device=p.device, **common)
@@ -429,285 +383,13 @@ class CounterfactualVATrainingWidget(ParameterNodeWidgetMixin, ScriptedLoadableM
 
 
 #
-# The training process
-#
-
-_PROGRESS = re.compile(r"^PROGRESS\s+(\S+)\s+step\s+(\d+)/(\d+)\s*(.*)$")
-
-
-def parseProgressLine(line: str):
-    """``PROGRESS <fraction> step N/T key=value ...`` -> (fraction, step, total, values), else None."""
-    match = _PROGRESS.match(line.strip())
-    if not match:
-        return None
-    try:
-        fraction = min(max(float(match.group(1)), 0.0), 1.0)
-    except ValueError:
-        return None
-    values = {}
-    for pair in match.group(4).split():
-        key, sep, value = pair.partition("=")
-        if sep:
-            try:
-                values[key] = float(value)
-            except ValueError:
-                pass
-    return fraction, int(match.group(2)), int(match.group(3)), values
-
-
-class CounterfactualVATrainingProcess:
-    """A running training: poll() it (from a QTimer or a loop) until it returns True, or stop() it.
-
-    poll() forwards progress and log lines, mirrors ``log.csv`` into the table node, and returns True when the
-    process has ended: then ``modelPath`` is set after success, or ``stopped``/``resumable`` after stop(). A
-    failure raises RuntimeError with the command line's own message (its last ``ERROR:`` line).
-
-    progressCallback(fraction, step, totalSteps, values) receives the parsed PROGRESS lines (values: the losses
-    and, on validation steps, the val_* figures); logCallback(line) every other output line.
-    """
-
-    def __init__(self, logic, command, env, outputFolder, tableNode=None, chartNode=None, progressCallback=None,
-                 logCallback=None, onSuccess=None):
-        self.logic = logic
-        self.command = list(command)
-        self.env = env
-        self.outputFolder = os.path.abspath(outputFolder)
-        self.tableNode = tableNode
-        self.chartNode = chartNode
-        self.progressCallback = progressCallback
-        self.logCallback = logCallback or (lambda line: logging.info(line))
-        self.onSuccess = onSuccess
-        self.fraction = 0.0
-        self.step = 0
-        self.totalSteps = None
-        self.values: dict = {}
-        self.log: list = []
-        self.stderr: list = []
-        self.returncode = None
-        self.modelPath = None
-        self.error = None
-        self.done = False
-        self.stopRequested = False
-        self.stopped = False
-        self.resumable = False
-        self._stopTime = None
-        self._exitTime = None
-        self._logStat = None
-        self._proc = None
-        self._queue: queue.Queue = queue.Queue()
-        self._threads: list = []
-
-    @property
-    def logPath(self) -> str:
-        return os.path.join(self.outputFolder, LOG_NAME)
-
-    @property
-    def checkpointPath(self) -> str:
-        return os.path.join(self.outputFolder, CHECKPOINT_NAME)
-
-    # -- process control --------------------------------------------------------------------------------
-    def start(self):
-        self.logCallback("Running: " + shlex.join(self.command))
-        kwargs = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0) | getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
-        else:
-            # Own process group: stop() signals the PythonSlicer launcher and the Python it starts alike.
-            kwargs["start_new_session"] = True
-        self._proc = subprocess.Popen(
-            self.command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-            text=True, encoding="utf-8", errors="replace", bufsize=1, cwd=self.outputFolder, **kwargs,
-        )
-        self._threads = [
-            threading.Thread(target=self._reader, args=(self._proc.stdout, "out"), daemon=True),
-            threading.Thread(target=self._reader, args=(self._proc.stderr, "err"), daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def _reader(self, stream, tag):
-        try:
-            for line in iter(stream.readline, ""):
-                self._queue.put((tag, line.rstrip("\r\n")))
-        except (ValueError, OSError):
-            pass
-        finally:
-            self._queue.put((tag, None))
-
-    def _drain(self):
-        while True:
-            try:
-                tag, line = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if line is None:
-                continue
-            progress = parseProgressLine(line) if tag == "out" else None
-            if progress is not None:
-                self.fraction, self.step, self.totalSteps, values = progress
-                self.values = values
-                if self.progressCallback:
-                    self.progressCallback(self.fraction, self.step, self.totalSteps, values)
-                continue
-            if tag == "err":
-                self.stderr.append(line)
-            self.log.append(line)
-            self.logCallback(line)
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and not self.done
-
-    def _ended(self) -> bool:
-        """The process has exited and its output is closed (under the PythonSlicer launcher the launcher may
-        exit first; the Python it started holds the pipes until it has written its checkpoint)."""
-        if self._proc.poll() is None:
-            return False
-        if self._exitTime is None:
-            self._exitTime = time.monotonic()
-        if any(thread.is_alive() for thread in self._threads):
-            return time.monotonic() - self._exitTime > 600  # a stray grandchild keeps a pipe open: give up on it
-        return True
-
-    def poll(self) -> bool:
-        """Forward output and refresh the log table; True when the process has ended. Raises on failure."""
-        if self.done:
-            if self.error:
-                raise RuntimeError(self.error)
-            return True
-        self._drain()
-        self.refreshTable()
-        if not self._ended():
-            return False
-        self._drain()
-        self.refreshTable(force=True)
-        self.returncode = self._proc.returncode
-        checkpointed = self.stopRequested and os.path.isfile(self.checkpointPath) and os.path.getmtime(self.checkpointPath) >= self._stopTime - 1
-        if self.returncode == EXIT_STOPPED or (self.stopRequested and self.returncode != 0 and checkpointed):
-            # (the second case: the PythonSlicer launcher died of the signal, the Python under it checkpointed)
-            self.returncode = EXIT_STOPPED
-            self.stopped = self.resumable = True
-            self.done = True
-            return True
-        if self.stopRequested and self.returncode != 0:
-            self.stopped = True
-            self.resumable = os.path.isfile(self.checkpointPath)
-            self.done = True
-            self.logCallback(
-                "Training was stopped before it wrote a checkpoint"
-                + (" (an earlier checkpoint remains: Resume continues from it)." if self.resumable else "; start it again.")
-            )
-            return True
-        if self.returncode != 0:
-            return self._fail(self._errorMessage())
-        model = os.path.join(self.outputFolder, MODEL_NAME)
-        if not os.path.isfile(model):
-            return self._fail(f"The training process ended without writing {model}.")
-        self.modelPath = model
-        self.done = True
-        if self.onSuccess is not None:
-            self.onSuccess(self)
-        return True
-
-    def refreshTable(self, force: bool = False) -> bool:
-        """Mirror log.csv into the table node (and add plot series for new loss columns) when it changed."""
-        if self.tableNode is None:
-            return False
-        try:
-            stat = os.stat(self.logPath)
-        except OSError:
-            return False
-        key = (stat.st_mtime_ns, stat.st_size)
-        if key == self._logStat and not force:
-            return False
-        self._logStat = key
-        self.logic.updateLogTable(self.tableNode, self.logPath)
-        if self.chartNode is not None:
-            self.logic.updateLossChart(self.chartNode, self.tableNode)
-        return True
-
-    def wait(self, timeout: float = None, interval: float = 0.1):
-        """Block until the process ends: the model path after success, None after stop. Raises on failure."""
-        start = time.monotonic()
-        try:
-            while not self.poll():
-                if timeout is not None and time.monotonic() - start > timeout:
-                    self.stop(wait=True)
-                    raise RuntimeError(f"Training did not finish within {timeout:.0f} s; it was stopped (resume it with resume=True).")
-                time.sleep(interval)
-        except KeyboardInterrupt:
-            self.stop(wait=True)
-            return None
-        return self.modelPath
-
-    def stop(self, wait: bool = True, timeout: float = 300.0):
-        """Ask the training to stop: SIGTERM, the loop finishes its step, writes checkpoint.pt and exits with
-        code 3 (resumable). wait=True blocks until then (killing it after `timeout` seconds) and returns the
-        exit code; wait=False returns None at once (keep polling). On Windows the process is terminated and the
-        last periodic checkpoint is what Resume finds."""
-        if self._proc is None or self.done:
-            return self.returncode
-        if not self.stopRequested:
-            self.stopRequested = True
-            self._stopTime = time.time()
-            self._signal(signal.SIGTERM if os.name != "nt" else None)
-        if not wait:
-            return None
-        start = time.monotonic()
-        while not self.poll():
-            if time.monotonic() - start > timeout:
-                self.kill()
-            time.sleep(0.1)
-        return self.returncode
-
-    def kill(self):
-        """Kill at once (no new checkpoint)."""
-        if self._proc is None or self._proc.poll() is not None and not any(t.is_alive() for t in self._threads):
-            return
-        self.stopRequested = True
-        self._stopTime = self._stopTime or time.time()
-        self._signal(getattr(signal, "SIGKILL", None))
-
-    def _signal(self, sig):
-        proc = self._proc
-        try:
-            if os.name == "nt":
-                subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True, check=False)
-            else:
-                os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError, OSError):
-            try:
-                proc.send_signal(sig) if sig is not None else proc.terminate()
-            except OSError:
-                pass
-
-    def _fail(self, message):
-        self.error = message
-        self.done = True
-        raise RuntimeError(message)
-
-    def _errorMessage(self) -> str:
-        for line in reversed(self.stderr):
-            if line.startswith("ERROR:"):
-                return line[len("ERROR:"):].strip()
-        if self.returncode is not None and self.returncode < 0:
-            return (
-                f"The training process was killed by signal {-self.returncode} (often: out of memory). Try a smaller "
-                "batch size or model grid, or the CPU device; Resume continues from the last checkpoint."
-            )
-        tail = " | ".join(line for line in self.stderr[-5:] if line.strip()) or "no error output"
-        return f"The training process failed with exit code {self.returncode}: {tail}"
-
-
-#
 # CounterfactualVATrainingLogic
 #
 
 _LogicBase = ScriptedLoadableModuleLogic if HAVE_SLICER_APP else object
 
 
-class CounterfactualVATrainingLogic(_LogicBase):
+class CounterfactualVATrainingLogic(DatasetPreviewMixin, TrainingLogMixin, _LogicBase):
     """The console API; no Qt needed. See the module docstring for an example.
 
     scene: where the log table and loss chart go (default: ``slicer.mrmlScene`` in the application; with
@@ -732,76 +414,34 @@ class CounterfactualVATrainingLogic(_LogicBase):
             raise RuntimeError("Parameter nodes need the 3D Slicer application; call train() with arguments instead.")
         return CounterfactualVATrainingParameterNode(super().getParameterNode())
 
-    # -- environment ---------------------------------------------------------------------------------------
+    # -- environment (slicer_support) ------------------------------------------------------------------------
     @staticmethod
     def libraryFolders() -> list:
-        """The folders that hold CounterfactualVALib and CounterfactualVATrainingLib (for the child PYTHONPATH)."""
+        """The folders that hold CounterfactualVALib, CounterfactualVACLI and CounterfactualVATrainingLib."""
         folders = []
-        for name in ("CounterfactualVALib", "CounterfactualVATrainingLib"):
+        for name in ("CounterfactualVALib", "CounterfactualVACLI", "CounterfactualVATrainingLib"):
             spec = importlib.util.find_spec(name)
-            locations = list(spec.submodule_search_locations or []) if spec is not None else []
-            for location in locations:
+            for location in list(spec.submodule_search_locations or []) if spec is not None else []:
                 folder = os.path.dirname(os.path.abspath(location))
                 if folder not in folders:
                     folders.append(folder)
         return folders
 
     def pythonCommand(self) -> str:
-        if self.pythonExecutable:
-            return self.pythonExecutable
-        if HAVE_SLICER_APP:
-            found = shutil.which("PythonSlicer")
-            if found:
-                return found
-        return sys.executable
+        return processes.python_executable(self.pythonExecutable, in_slicer=HAVE_SLICER_APP)
 
     def childEnvironment(self, device: str = "auto") -> dict:
-        """Environment of the training process: Slicer's startup environment (so that the PythonSlicer launcher
-        sets up its own paths), both libraries' folders on PYTHONPATH, unbuffered output, and no CUDA device
-        when the CPU is asked for."""
-        env = None
-        if HAVE_SLICER_APP and hasattr(slicer, "app"):
-            try:
-                env = slicer.util.startupEnvironment()
-            except Exception:
-                env = None
-        env = dict(env if env is not None else os.environ)
-        folders = self.libraryFolders()
-        env["PYTHONPATH"] = os.pathsep.join(folders + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in folders])
-        env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONIOENCODING"] = "utf-8"
-        if device == "cpu":
-            env["CUDA_VISIBLE_DEVICES"] = "-1"
-        return env
+        base = slicer.util.startupEnvironment() if HAVE_SLICER_APP and hasattr(slicer, "app") else None
+        return processes.child_environment(self.libraryFolders(), device, base)
 
     @staticmethod
     def missingPythonPackages() -> list:
-        return [name for name in REQUIRED_PACKAGES if importlib.util.find_spec(name) is None]
+        """The requirements of Resources/requirements.txt not met here, with why (nothing is imported)."""
+        return [f"{requirement} ({why})" for requirement, why in missing_requirements()]
 
     def setupPythonRequirements(self, askConfirmation: bool = True) -> bool:
-        """Install what training needs into Slicer's Python (asks first); True when ready. PyTorch and the
-        attribution packages are installed the CounterfactualVA module's way (PyTorch extension + pip)."""
-        if not self.missingPythonPackages():
-            return True
-        if not HAVE_SLICER_APP:
-            raise RuntimeError(f"Python packages missing: {', '.join(self.missingPythonPackages())}. Install them with pip (pip install counterfactualva[torch]).")
-        try:
-            from CounterfactualVA import CounterfactualVALogic
-        except ImportError:
-            CounterfactualVALogic = None
-        if CounterfactualVALogic is not None and not CounterfactualVALogic().setupPythonRequirements(askConfirmation=askConfirmation):
-            return False
-        if "torch" in self.missingPythonPackages():
-            raise RuntimeError("PyTorch is needed: install the 'PyTorch' extension from the Extensions Manager and restart Slicer.")
-        requirements = [REQUIRED_PACKAGES[name] for name in self.missingPythonPackages() if REQUIRED_PACKAGES.get(name)]
-        if requirements:
-            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                "CounterfactualVA training needs these Python packages: " + ", ".join(requirements) + ". Install them now?"
-            ):
-                return False
-            slicer.util.pip_install(requirements)
-            importlib.invalidate_caches()
-        return not self.missingPythonPackages()
+        """Install what training needs (the same file as attribution) into Slicer's Python; True when ready."""
+        return DependencyHandler("CounterfactualVA Training", in_slicer=HAVE_SLICER_APP).ensure(askConfirmation)
 
     # -- parsing helpers (for the panel's text fields) -------------------------------------------------------
     @staticmethod
@@ -845,270 +485,6 @@ class CounterfactualVATrainingLogic(_LogicBase):
         return {"title": cls.title or method, "config": dict(cls.default_config), "training": dict(cls.training_defaults)}
 
     # -- data ---------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _imageFiles(folder) -> list:
-        files = []
-        for root, dirs, names in os.walk(folder):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(names):
-                if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                    files.append(os.path.join(root, name))
-        return files
-
-    @staticmethod
-    def _readHeader(path):
-        """(dimension, size, components) from the file header, or raise ValueError saying why it cannot be read."""
-        import SimpleITK as sitk
-
-        if not os.path.exists(path):
-            raise ValueError("file not found")
-        if os.path.isdir(path):
-            raise ValueError("a folder, not an image file")
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as exc:
-            lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-            reason = lines[-1] if lines else "unknown reader error"
-            raise ValueError(f"not an image SimpleITK can read ({reason})") from None
-        return reader.GetDimension(), tuple(reader.GetSize()), reader.GetNumberOfComponents()
-
-    @staticmethod
-    def _listProblem(what, items, fix, limit=8) -> str:
-        shown = "; ".join(items[:limit]) + (f"; and {len(items) - limit} more" if len(items) > limit else "")
-        return f"{what}: {shown}. {fix}"
-
-    def datasetPreview(self, csvPath=None, normalFolder=None, abnormalFolder=None, outputFolder=None, spatialDims=None, seed: int = 0) -> dict:
-        """Check a cohort before training; nothing is trained and no node is made.
-
-        Either ``csvPath`` (a cohort CSV: ``path,label[,mask,subtype,split]``, label 0 = normal, 1 = abnormal) or
-        ``normalFolder`` + ``abnormalFolder`` (image files found recursively; a cohort CSV listing them is
-        written as ``<outputFolder>/cohort.csv``, or into a new temporary folder when no output folder is
-        given). Every image (and mask) header is read with SimpleITK; with ``spatialDims`` the dimensions are
-        checked against the model too.
-
-        Returns {"counts": {"normal", "abnormal"}, "splits": {split: {"normal", "abnormal"}} (the CSV's split
-        column, or the split training will make), "splitSource": "csv" | "automatic", "problems": [messages
-        that say what to do], "unreadable": [paths], "csv": the cohort CSV path or None}.
-        """
-        from CounterfactualVATrainingLib.cohort import read_cohort_csv, stratified_split, write_cohort_csv
-        from CounterfactualVALib.imageio import InputError
-
-        preview = {"counts": {"normal": 0, "abnormal": 0}, "splits": {}, "splitSource": None, "problems": [], "unreadable": [], "csv": None}
-        problems = preview["problems"]
-        folders = normalFolder is not None or abnormalFolder is not None
-        if folders and csvPath:
-            raise ValueError("Give either a cohort CSV or the two folders (normal and abnormal), not both.")
-        if folders:
-            rows = []
-            for label, folder, kind in ((0, normalFolder, "normal"), (1, abnormalFolder, "abnormal")):
-                folder = str(folder or "")
-                if not folder:
-                    problems.append(f"No {kind} folder was given. Select the folder that holds the {kind} scans.")
-                    continue
-                if not os.path.isdir(folder):
-                    problems.append(f"The {kind} folder {folder} does not exist. Check the path.")
-                    continue
-                files = self._imageFiles(folder)
-                if not files:
-                    problems.append(
-                        f"The {kind} folder {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}). "
-                        "Select the folder that holds the scans (subfolders are searched too)."
-                    )
-                rows += [{"path": os.path.abspath(f), "label": label} for f in files]
-            if normalFolder and abnormalFolder and os.path.abspath(str(normalFolder)) == os.path.abspath(str(abnormalFolder)):
-                problems.append("The normal and abnormal folders are the same folder. Put each class in its own folder.")
-            if rows:
-                target = outputFolder or tempfile.mkdtemp(prefix="CounterfactualVATraining-")
-                preview["csv"] = str(write_cohort_csv(os.path.join(str(target), COHORT_CSV_NAME), rows))
-            records = [{**r, "mask": None, "subtype": "", "split": ""} for r in rows]
-        else:
-            if not csvPath:
-                raise ValueError("No data: give a cohort CSV (csvPath) or a normal and an abnormal folder.")
-            preview["csv"] = str(csvPath)
-            try:
-                records = read_cohort_csv(csvPath, check_files=False, require_both_classes=False)
-            except InputError as exc:
-                problems.append(str(exc))
-                return preview
-
-        counts = preview["counts"]
-        counts["normal"] = sum(1 for r in records if r["label"] == 0)
-        counts["abnormal"] = sum(1 for r in records if r["label"] == 1)
-        if records and not (counts["normal"] and counts["abnormal"]):
-            have, lack = ("normal", "abnormal") if counts["normal"] else ("abnormal", "normal")
-            where = f"put {lack} scans in the {lack} folder" if folders else f"add {lack} images (label {1 if lack == 'abnormal' else 0}) to the CSV, or check its label column"
-            problems.append(
-                f"Only {have} images were found ({counts['normal']} normal, {counts['abnormal']} abnormal). A counterfactual "
-                f"model needs both classes: {where}."
-            )
-
-        # Every file's header.
-        unreadable, wrongShape = [], []
-        for record in records:
-            for kind, path in (("image", record["path"]), ("mask", record.get("mask"))):
-                if not path:
-                    continue
-                try:
-                    dim, size, components = self._readHeader(path)
-                except ValueError as exc:
-                    unreadable.append((path, f"{os.path.basename(path)} ({kind}: {exc})"))
-                    continue
-                if kind == "image" and components != 1:
-                    wrongShape.append(f"{os.path.basename(path)} ({components} components per voxel; models take one scalar channel)")
-                elif kind == "image" and spatialDims is not None:
-                    if spatialDims == 2 and dim == 3 and 1 not in size:
-                        wrongShape.append(f"{os.path.basename(path)} (a 3D volume of size {list(size)} for a 2D model)")
-                    elif spatialDims == 3 and dim != 3:
-                        wrongShape.append(f"{os.path.basename(path)} ({dim}D, size {list(size)}, for a 3D model)")
-        if unreadable:
-            preview["unreadable"] = [p for p, _ in unreadable]
-            fix = "Fix or remove these files (or their rows in the CSV), then check again."
-            if not folders:
-                fix += " Paths in the CSV are taken relative to the CSV's folder."
-            problems.append(self._listProblem(f"{len(unreadable)} file(s) cannot be read", [text for _, text in unreadable], fix))
-        if wrongShape:
-            problems.append(self._listProblem(
-                f"{len(wrongShape)} image(s) do not fit the model", wrongShape,
-                "Choose the matching spatial dimensions (2 for 2D images, 3 for volumes), or convert the images.",
-            ))
-
-        # The split training will use (CounterfactualVATrainingLib.data.load_cohort: a CSV without a complete
-        # split column is split here, stratified by label and subtype, 20% validation, no test).
-        if records:
-            splits = [r.get("split") or "" for r in records]
-            preview["splitSource"] = "csv"
-            if not all(splits):
-                strata = [f"{r['label']}:{r.get('subtype') or ''}" for r in records]
-                splits = stratified_split(strata, test_fraction=0.0, val_fraction=0.2, seed=seed)
-                preview["splitSource"] = "automatic"
-            for record, split in zip(records, splits):
-                entry = preview["splits"].setdefault(split, {"normal": 0, "abnormal": 0})
-                entry["normal" if record["label"] == 0 else "abnormal"] += 1
-            train = preview["splits"].get("train", {"normal": 0, "abnormal": 0})
-            if counts["normal"] and counts["abnormal"] and not (train["normal"] and train["abnormal"]):
-                problems.append(
-                    f"The training split has {train['normal']} normal and {train['abnormal']} abnormal images; both classes are "
-                    "needed. Add images, or change the CSV's split column (train/val/test)."
-                )
-        elif not problems:
-            problems.append("The data lists no images. Add images (one row per image in the CSV, or files in the folders).")
-        return preview
-
-    @staticmethod
-    def describePreview(preview: dict) -> str:
-        """A short human-readable summary of datasetPreview()'s result (for the panel)."""
-        counts = preview["counts"]
-        text = f"{counts['normal']} normal, {counts['abnormal']} abnormal images"
-        if preview.get("splits"):
-            parts = [f"{name} {c['normal']}+{c['abnormal']}" for name, c in sorted(preview["splits"].items())]
-            text += f"; split ({preview.get('splitSource')}): " + ", ".join(parts)
-        if preview.get("csv"):
-            text += f"; cohort CSV: {preview['csv']}"
-        if preview["problems"]:
-            text += ".\nProblems:\n- " + "\n- ".join(preview["problems"])
-        else:
-            text += ". Ready to train."
-        return text
-
-    # -- log table and loss chart ---------------------------------------------------------------------------------
-    def logNodes(self, outputFolder, create: bool = True):
-        """(table node, plot chart node) of the run in ``outputFolder`` (found by the folder, so a resumed run
-        keeps its nodes; new ones named ``<run> training log`` / ``<run> training losses``); (None, None) without
-        a scene."""
-        scene = self.scene
-        if scene is None:
-            return None, None
-        folder = os.path.abspath(str(outputFolder))
-        run = os.path.basename(folder.rstrip(os.sep)) or "training"
-        table = None
-        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLTableNode")):
-            node = scene.GetNthNodeByClass(i, "vtkMRMLTableNode")
-            if node.GetAttribute(RUN_FOLDER_ATTRIBUTE) == folder:
-                table = node
-                break
-        if table is None:
-            if not create:
-                return None, None
-            table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{run} training log")
-            table.SetAttribute(RUN_FOLDER_ATTRIBUTE, folder)
-            table.SetDescription(f"Training log of {folder} ({LOG_NAME}: one row per logged step).")
-        chartID = table.GetAttribute("CounterfactualVATraining.ChartNodeID")
-        chart = scene.GetNodeByID(chartID) if chartID else None
-        if chart is None and create:
-            chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{run} training losses")
-            chart.SetTitle(f"{run}: training losses")
-            chart.SetXAxisTitle("step")
-            chart.SetYAxisTitle("loss")
-            chart.SetAttribute(RUN_FOLDER_ATTRIBUTE, folder)
-            table.SetAttribute("CounterfactualVATraining.ChartNodeID", chart.GetID())
-        return table, chart
-
-    @staticmethod
-    def readLogCsv(logPath) -> tuple:
-        """(column names, rows as lists of floats; NaN where a row has no value, e.g. val_* between validations)."""
-        import csv
-
-        with open(logPath, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            header = next(reader, [])
-            rows = []
-            for raw in reader:
-                if not raw:
-                    continue
-                row = []
-                for i in range(len(header)):
-                    text = raw[i].strip() if i < len(raw) else ""
-                    try:
-                        row.append(float(text) if text else math.nan)
-                    except ValueError:
-                        row.append(math.nan)
-                rows.append(row)
-        return header, rows
-
-    def updateLogTable(self, tableNode, logPath) -> int:
-        """Replace the table's contents with log.csv (step as integers, the rest as doubles). Returns the rows."""
-        header, rows = self.readLogCsv(logPath)
-        table = vtk.vtkTable()
-        for i, name in enumerate(header):
-            array = vtk.vtkIntArray() if name == "step" else vtk.vtkDoubleArray()
-            array.SetName(name)
-            array.SetNumberOfTuples(len(rows))
-            for r, row in enumerate(rows):
-                value = row[i]
-                array.SetValue(r, int(value) if name == "step" and value == value else (0 if name == "step" else value))
-            table.AddColumn(array)
-        tableNode.SetAndObserveTable(table)
-        tableNode.Modified()
-        return len(rows)
-
-    def updateLossChart(self, chartNode, tableNode) -> list:
-        """One line series per ``loss*`` column of the table (x = step); new columns get new series."""
-        scene = chartNode.GetScene()
-        run = tableNode.GetAttribute(RUN_FOLDER_ATTRIBUTE) or ""
-        runName = os.path.basename(run.rstrip(os.sep)) or tableNode.GetName()
-        existing = {}
-        for i in range(chartNode.GetNumberOfPlotSeriesNodes()):
-            series = chartNode.GetNthPlotSeriesNode(i)
-            if series is not None:
-                existing[series.GetYColumnName()] = series
-        columns = [tableNode.GetColumnName(i) for i in range(tableNode.GetNumberOfColumns())]
-        for column in columns:
-            if not column.startswith("loss") or column in existing:
-                continue
-            series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{runName} {column}")
-            series.SetAndObserveTableNodeID(tableNode.GetID())
-            series.SetXColumnName("step")
-            series.SetYColumnName(column)
-            series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
-            series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
-            series.SetLineStyle(slicer.vtkMRMLPlotSeriesNode.LineStyleSolid)
-            series.SetColor(*SERIES_COLORS[len(existing) % len(SERIES_COLORS)])
-            chartNode.AddAndObservePlotSeriesNodeID(series.GetID())
-            existing[column] = series
-        return [existing[c] for c in columns if c in existing]
-
     # -- training ---------------------------------------------------------------------------------------------
     @staticmethod
     def _checkWritable(outputFolder) -> str:
@@ -1243,10 +619,10 @@ class CounterfactualVATrainingLogic(_LogicBase):
         size = self.parseNumbers(size, int, "size")
         spacing = self.parseNumbers(spacing, float, "spacing")
         folder = self.validate(csvPath, outputFolder, method, steps, batchSize, spatialDims, size, spacing, device, config, crop, intensity, resume, overwrite)
-        missing = self.missingPythonPackages()
+        missing = missing_requirements()
         if missing:
             raise RuntimeError(
-                f"Python packages missing: {', '.join(missing)}. In Slicer click Start in the CounterfactualVATraining panel "
+                f"Python packages missing: {describe_missing(missing)}. In Slicer click Start in the CounterfactualVATraining panel "
                 "(it offers to install them) or call CounterfactualVATrainingLogic().setupPythonRequirements()."
             )
         csvPath = os.path.abspath(str(csvPath))
@@ -1303,30 +679,12 @@ class CounterfactualVATrainingLogic(_LogicBase):
             json.dump({"arguments": arguments, "command": command}, f, indent=1)
         os.replace(tmp, path)
 
-    @staticmethod
-    def _clearLogNodes(table, chart):
-        table.SetAndObserveTable(vtk.vtkTable())
-        table.RemoveAttribute(MODEL_PATH_ATTRIBUTE)
-        if chart is not None:
-            scene = chart.GetScene()
-            ids = [chart.GetNthPlotSeriesNodeID(i) for i in range(chart.GetNumberOfPlotSeriesNodes())]
-            chart.RemoveAllPlotSeriesNodeIDs()
-            for nodeID in ids:
-                node = scene.GetNodeByID(nodeID) if nodeID else None
-                if node is not None:
-                    scene.RemoveNode(node)
-
     def recordModel(self, modelPath, **details) -> str:
         """Record a trained model where the CounterfactualVA module finds it: the JSON list of
         :func:`trainedModelsFile`, and in the application the CounterfactualVA panel's settings."""
         path = recordTrainedModel(modelPath, **details)
-        if HAVE_SLICER_APP and qt is not None:
-            settings = qt.QSettings()
-            settings.setValue("CounterfactualVA/lastModelPath", str(modelPath))
-            history = settings.value("CounterfactualVA/ModelPathHistory") or []
-            history = [history] if isinstance(history, str) else list(history)
-            history = [str(modelPath)] + [h for h in history if h != str(modelPath)]
-            settings.setValue("CounterfactualVA/ModelPathHistory", history[:20])
+        # the attribution panel's default model and its model field's history (slicer_support.settings)
+        settings.remember_model(settings.application_settings(), modelPath)
         return path
 
     @staticmethod
@@ -1354,19 +712,24 @@ class CounterfactualVATrainingTest(ScriptedLoadableModuleTest):
             self.scene = slicer.vtkMRMLScene()
 
     def runTest(self):
+        # "Reload and Test" calls runTest() inside tryWithErrorDisplay: SkipTest would show as an error.
+        missing = CounterfactualVATrainingLogic.missingPythonPackages()
+        if missing:
+            self.delayDisplay(f"CounterfactualVATraining self-test not run: Python packages missing ({', '.join(missing)}). Click Start in the module to install them.")
+            return
         self.setUp()
         self.test_CounterfactualVATraining_TinyRun()
 
     def test_CounterfactualVATraining_TinyRun(self):
         self.delayDisplay("Starting the CounterfactualVATraining test")
         logic = CounterfactualVATrainingLogic(scene=self.scene)
-        if logic.missingPythonPackages():
+        if logic.missingPythonPackages():  # under pytest/unittest only; runTest() checks first
             self.skipTest(f"missing Python packages: {logic.missingPythonPackages()}")
-        from CounterfactualVAResearch.data.synthetic import generate_synthetic
+        from CounterfactualVALib.slicer_support.testing import make_tiny_cohort
 
         folder = tempfile.mkdtemp(prefix="CounterfactualVATrainingTest-")
         try:
-            csvPath = generate_synthetic(os.path.join(folder, "data"), n=24, size=32, spatial_dims=2, seed=0)
+            csvPath = make_tiny_cohort(os.path.join(folder, "data"), n=24, size=32, seed=0)
             preview = logic.datasetPreview(csvPath=csvPath, spatialDims=2)
             self.assertEqual(preview["problems"], [])
             self.assertEqual(preview["counts"]["normal"] + preview["counts"]["abnormal"], 24)

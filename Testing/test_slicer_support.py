@@ -274,3 +274,28 @@ def test_option_form_of_a_model_without_listed_options():
     specs = option_form.option_specs_from_metadata(metadata)
     assert specs == [] or all(s.name for s in specs)  # VANT-GAN takes no attribution options
     assert option_form.option_specs_from_metadata({"method": "no-such-method"}) == []
+
+
+def test_sample_data_source_has_a_checksum_file_types_and_a_template_sized_thumbnail():
+    import hashlib
+
+    from PIL import Image
+
+    from CounterfactualVALib.slicer_support import sample_data
+
+    source = sample_data.sample_data_source(str(REPO / "CounterfactualVA"))
+    scan = REPO / "samples" / sample_data.SAMPLE_SCAN
+    assert source["checksums"] == "SHA256:" + hashlib.sha256(scan.read_bytes()).hexdigest()
+    assert source["loadFileTypes"] == "VolumeFile" and "loadFileType" not in source
+    assert source["uris"] == scan.resolve().as_uri() and source["fileNames"] == sample_data.SAMPLE_SCAN
+    assert Image.open(source["thumbnailFileName"]).size == (260, 280)
+
+
+def test_extension_index_files():
+    entry_text = (REPO / "docs" / "CounterfactualVA.json").read_text()
+    assert '"build_dependencies": [\n    "PyTorch"\n  ]' in entry_text  # arrays one item per line, as the index's prettier writes them
+    assert (REPO / "LICENSE").read_text().startswith("\n                                 Apache License")
+    import re
+
+    description = re.search(r'set\(EXTENSION_DESCRIPTION "([^"]+)"\)', (REPO / "CMakeLists.txt").read_text()).group(1)
+    assert description.count(". ") + 1 <= 2 and len(description) < 300

@@ -93,7 +93,7 @@ def chart_series(chart):
 
 def test_module_imports_under_slicer_core_without_qt():
     assert module.HAVE_SLICER_APP is False
-    assert CounterfactualVATrainingLogic.__mro__[1] is object  # no stand-in base class for the logic
+    assert module.ScriptedLoadableModuleLogic is None and CounterfactualVATrainingLogic.__mro__[-1] is object  # no stand-in base class for the logic
     assert module.CounterfactualVATrainingParameterNode is None
     with pytest.raises(RuntimeError, match="needs the 3D Slicer application"):
         module.CounterfactualVATrainingWidget().setup()
@@ -153,12 +153,16 @@ def test_command_parses_with_the_real_command_line_and_the_child_environment():
 
 
 def test_progress_lines_and_panel_text_are_parsed():
+    from CounterfactualVALib.slicer_support.process import parse_progress
+    from CounterfactualVALib.slicer_support.training_process import parse_step
+
     line = "PROGRESS 0.167 step 1/6 loss_g=15.06 loss_gan=2.747 val_ncc=0.05 val_score=-1e-3"
-    fraction, step, total, values = module.parseProgressLine(line)
+    fraction, text = parse_progress(line)
+    step, total, values = parse_step(text)
     assert (fraction, step, total) == (0.167, 1, 6)
     assert values == {"loss_g": 15.06, "loss_gan": 2.747, "val_ncc": 0.05, "val_score": -1e-3}
-    assert module.parseProgressLine("PROGRESS 0.5 Loading") is None
-    assert module.parseProgressLine("Model written to x") is None
+    assert parse_step(parse_progress("PROGRESS 0.5 Loading")[1]) is None
+    assert parse_progress("Model written to x") is None
 
     logic = CounterfactualVATrainingLogic()
     text = "ngf=8\nn_blocks=2   # fewer blocks\nlambda_cycle=10.5 name='two words' use_x=true\n"
@@ -271,7 +275,9 @@ def test_train_refuses_bad_input_before_launching(cohort, tmp_path, scene, monke
     def no_launch(*args, **kwargs):
         raise AssertionError("a process was launched")
 
-    monkeypatch.setattr(module.subprocess, "Popen", no_launch)
+    from CounterfactualVALib.slicer_support import process as processes
+
+    monkeypatch.setattr(processes.subprocess, "Popen", no_launch)
     logic = CounterfactualVATrainingLogic(scene=scene)
     out = tmp_path / "run"
 
@@ -360,7 +366,7 @@ def test_stop_writes_a_checkpoint_and_resume_finishes(cohort, tmp_path, scene, m
         time.sleep(0.05)
     assert process.running
     assert process.stop() == 3, "\n".join(log)
-    assert process._proc.returncode == -15  # the launcher died of the signal; its child checkpointed and exited 3
+    assert process.runner._proc.returncode == -15  # the launcher died of the signal; its child checkpointed and exited 3
     stopped_at = process.step
     assert process.stopped and process.resumable and process.modelPath is None and process.poll() is True
     assert any("--resume" in line for line in log)  # the command line says how to continue
@@ -495,10 +501,13 @@ def test_ui_widgets_and_module_code_agree():
     declarations = {n.target.id: ast.unparse(n.annotation) for n in parameter_class.body if isinstance(n, ast.AnnAssign)}
     assert set(bound.values()) == set(declarations)
     assert len(bound) == len(set(bound.values()))
-    # the widget kinds the parameter node wrapper can connect to each parameter's type
+    # the widget kinds the parameter node wrapper can connect to each parameter's type: paths and multi-line
+    # text are str through slicer_support.framework's connectors (Slicer's own turn "" into "." and reverse
+    # typed text); a QTextEdit would get Slicer's unguarded connector, so none may be bound
     kinds = {
-        "ctkPathLineEdit": r"^pathlib\.Path$", "QComboBox": r"Choice\(", "QLineEdit": r"^str$", "QTextEdit": r"^str$", "QSpinBox": r"^Annotated\[int, WithinRange",
+        "ctkPathLineEdit": r"^str$", "QComboBox": r"Choice\(", "QLineEdit": r"^str$", "QPlainTextEdit": r"^str$", "QSpinBox": r"^Annotated\[int, WithinRange",
     }
+    assert "QTextEdit" not in {widgets[name] for name in bound}
     for name, parameter in bound.items():
         assert re.search(kinds[widgets[name]], declarations[parameter]), (name, declarations[parameter])
     declared = {c.find("class").text for c in tree.iter("customwidget")}

@@ -66,3 +66,34 @@ def make_scene():
     # Keep the logics alive as long as the scene object is used from Python.
     scene._counterfactualVALogics = (colorLogic, subjectHierarchyLogic, applicationLogic, sliceLogics)
     return scene
+
+
+def make_tiny_cohort(folder, n: int = 24, size: int = 32, seed: int = 0) -> str:
+    """A 2D cohort CSV of `n` images (half normal: a smooth disc; half abnormal: the disc with a dark spot,
+    whose difference map is the row's mask, for validation) for the training self-test; the research
+    harness's generators are not shipped into Slicer."""
+    import os
+
+    import numpy as np
+    import SimpleITK as sitk
+    from CounterfactualVATrainingLib.cohort import write_cohort_csv
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    y, x = np.mgrid[:size, :size].astype(np.float32)
+    rows = []
+    for index in range(n):
+        label = index % 2
+        image = np.where((y - size / 2) ** 2 + (x - size / 2) ** 2 < (0.4 * size) ** 2, 1.0, 0.0).astype(np.float32)
+        difference = np.zeros_like(image)
+        if label:
+            cy, cx = rng.integers(size // 3, 2 * size // 3, 2)
+            spot = (y - cy) ** 2 + (x - cx) ** 2 < (size / 10) ** 2
+            difference[spot] = 0.7 * image[spot]
+            image -= difference
+        image += rng.normal(0, 0.05, image.shape).astype(np.float32)
+        path, mask = (os.path.join(folder, f"{kind}_{index:03d}.nii.gz") for kind in ("image", "difference"))
+        sitk.WriteImage(sitk.GetImageFromArray(image), path)
+        sitk.WriteImage(sitk.GetImageFromArray(difference), mask)
+        rows.append({"path": path, "label": label, "mask": mask})
+    return str(write_cohort_csv(os.path.join(folder, "cohort.csv"), rows))
