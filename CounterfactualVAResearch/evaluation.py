@@ -296,7 +296,7 @@ def evaluate_normative(preprocessing: dict, data_csv, split: str = "test", limit
 def judge_accuracy(judge_model, data_csv, split: str = "test", device="cpu", limit: int | None = None) -> dict:
     """The judge's accuracy on every subject (normal and abnormal) of a split: a judge that cannot tell the
     classes apart measures nothing about counterfactuals."""
-    torch_device = torch.device(device) if isinstance(device, str) and device != "auto" else select_device(device)[0]
+    torch_device = device if isinstance(device, torch.device) else select_device(device)[0]
     metadata, _ = load_method(judge_model, torch_device)
     config = PreprocessingConfig.from_dict(metadata.preprocessing)
     records = [r for r in read_cohort_csv(data_csv) if r.get("split") == split]
