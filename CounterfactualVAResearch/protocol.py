@@ -45,6 +45,7 @@ from CounterfactualVALib.checkpoint import read_metadata, save_model
 from CounterfactualVALib.inference import select_device
 from CounterfactualVALib.methods import create_method, load_method
 from CounterfactualVALib.preprocessing import PreprocessingConfig
+from CounterfactualVALib.run_files import CHECKPOINT_NAME, MODEL_NAME
 
 from .evaluation import (
     evaluate,
@@ -138,7 +139,7 @@ def _train_one(name: str, spec: dict, protocol: dict, csv_path: Path, out: Path,
         batch_size=spec.get("batch_size"),
         patch_size=spec.get("patch_size"),
         device=device,
-        resume=(run_dir / "checkpoint.pt").is_file(),
+        resume=(run_dir / CHECKPOINT_NAME).is_file(),
         command=f"counterfactualva protocol (model {name})",
         **settings,
     )
@@ -152,7 +153,7 @@ def train_models(protocol: dict, csv_path: Path, out: Path, device: str, jobs: i
     """Train (or reuse) every model, `jobs` of them side by side (a model that names another as "@name"
     waits for it); returns ({name: model file}, {name: training summary})."""
     specs = protocol["models"]
-    files = {name: out / "models" / name / "model.safetensors" for name in specs}
+    files = {name: out / "models" / name / MODEL_NAME for name in specs}
     pending = []
     for name in specs:
         if files[name].is_file():

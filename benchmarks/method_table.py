@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "CounterfactualVA")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "CounterfactualVATraining"))
 
 from CounterfactualVALib.checkpoint import ModelMetadata, save_model  # noqa: E402
-from CounterfactualVALib.methods import TrainingContext, available_methods, create_method  # noqa: E402
+from CounterfactualVALib.methods import TrainingContext, available_methods, create_method, get_method_class  # noqa: E402
 from CounterfactualVALib.preprocessing import PreprocessingConfig  # noqa: E402
 
 
@@ -60,8 +60,8 @@ def measure(name: str, spatial_dims: int, size: int, device, config: dict, inver
     config = dict(config)
     if name == "medxgan":
         config.setdefault("classifier_model", str(_classifier_file(folder, spatial_dims, shape)))
-    if name == "icam":
-        config.setdefault("grid_size", shape)
+    preprocessing = PreprocessingConfig(spatial_dims=spatial_dims, size=shape, spacing=[1.0] * spatial_dims)
+    config = get_method_class(name).prepare_config(config, preprocessing)
     torch.manual_seed(0)
     method = create_method(name, spatial_dims, config, training=True).to(device)
     total = _count(method.networks)

@@ -1,20 +1,19 @@
 """The one training loop every method runs on.
 
 It owns what is common: data, device and precision (bf16 autocast + channels-last on CUDA), DDP under
-`torchrun` (parameters broadcast from rank 0, gradients averaged across ranks), learning-rate schedules,
-atomic checkpoints and exact resume, CSV/TensorBoard logs, progress and cancel, validation against ground
-truth on held-out subjects, and the final model file (best validation score, safetensors + metadata).
-Methods only provide their networks and `training_step`.
+`torchrun` (parameters broadcast from rank 0, gradients averaged across ranks), learning-rate schedules and
+exact resume. What happens around the steps (validation against ground truth on held-out subjects, the model
+file of the best step, checkpoints, logs, progress, cancel, time budget) is done by handlers
+(:mod:`.handlers`), with one teardown whatever ends the run. Methods provide their networks, `training_step`
+and, when their networks depend on the model grid, `prepare_config`; the loop names no method.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import shlex
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,12 +28,11 @@ from CounterfactualVALib.checkpoint import ModelMetadata, save_model
 from CounterfactualVALib.metrics import map_scores
 from CounterfactualVALib.methods import TrainingContext, create_method, get_method_class
 from CounterfactualVALib.preprocessing import PreprocessingConfig, head_mask_on_grid
+from CounterfactualVALib.run_files import CHECKPOINT_NAME, MODEL_NAME
 
 from . import distributed
 from .data import UnpairedSampler, cache_split, describe, load_cohort, step_generator
-
-CHECKPOINT_NAME = "checkpoint.pt"
-MODEL_NAME = "model.safetensors"
+from .handlers import Handler, default_handlers
 
 
 @dataclass
@@ -67,25 +65,28 @@ class TrainingConfig:
     command: str = ""
 
 
-class TrainingCancelled(Exception):
-    pass
-
-
 class Trainer:
-    def __init__(self, config: TrainingConfig, progress: Callable[[int, int, dict], None] | None = None, should_stop: Callable[[], bool] | None = None):
+    """One training run. Handlers read (and may set) ``step``, ``is_last_step``, ``elapsed_s``, ``best``,
+    ``validated``, ``status`` (texts shown next to the progress bar), ``dist``, ``out``, ``config``,
+    ``val_data`` and call ``validate``, ``export_model`` and ``save_checkpoint``."""
+
+    def __init__(
+        self,
+        config: TrainingConfig,
+        progress: Callable[[int, int, dict], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        handlers: list[Handler] | None = None,
+    ):
         self.config = config
-        self.progress = progress
-        self.should_stop = should_stop or (lambda: False)
+        self.handlers = handlers if handlers is not None else default_handlers(config, progress, should_stop)
         self.out = Path(config.out)
         self.dist = distributed.setup()
         self.device = self._device()
         self.preprocessing = PreprocessingConfig(**config.preprocessing)
         method_class = get_method_class(config.method)
         self.batch_size = config.batch_size or method_class.training_defaults.get("batch_size", 1)
-        method_config = dict(config.method_config)
-        if "grid_size" in method_class.default_config and method_config.get("grid_size") is None:
-            # networks sized by the model grid (e.g. ICAM's latent classifier) must exist before DDP broadcasts them
-            method_config["grid_size"] = list(self.preprocessing.size)
+        # networks sized by the model grid (e.g. ICAM's latent classifier) must exist before DDP broadcasts them
+        method_config = method_class.prepare_config(dict(config.method_config), self.preprocessing)
         torch.manual_seed(config.seed)  # initial weights depend on the seed only (rank 0's are broadcast under DDP)
         self.method = create_method(config.method, self.preprocessing.spatial_dims, method_config, training=True)
         self.channels_last = self.device.type == "cuda" and config.channels_last
@@ -106,7 +107,9 @@ class Trainer:
         self.step = 0
         self.elapsed_s = 0.0  # training wall time so far, including earlier sessions of a resumed run
         self.best = {"score": -math.inf, "step": None, "metrics": {}}
-        self.history: list[dict] = []
+        self.is_last_step = False
+        self.validated = False  # whether the current step was a validation step (set by the Validation handler)
+        self.status: dict[str, str] = {}
 
     # --- setup ----------------------------------------------------------------------------------
     def _device(self) -> torch.device:
@@ -217,82 +220,62 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------------
     def fit(self) -> Path | None:
+        """Run to the last step (or until a handler stops or cancels the run); the model file path, or None
+        when cancelled (the checkpoint allows --resume)."""
         cfg = self.config
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         distributed.barrier(self.dist)
-        self.load_data()
-        if cfg.resume:
-            self.load_checkpoint()
-        logger = _Logger(self.out, enabled=self.dist.is_main, append=cfg.resume and self.step > 0)
-        cancelled = {"flag": False}
-        previous_handlers = _install_stop_handlers(cancelled)
-        bar = _progress_bar(cfg.steps, self.step, enabled=self.dist.is_main)
-        self.method.train()
-        budget_s = cfg.time_budget_minutes * 60.0 if cfg.time_budget_minutes else math.inf
-        session_start, elapsed_before = time.perf_counter(), self.elapsed_s
+        started: list[Handler] = []
+        outcome = "failed"
         try:
-            while self.step < cfg.steps:
-                if cancelled["flag"] or self.should_stop():
-                    raise TrainingCancelled
-                t0 = time.perf_counter()
-                generator = step_generator(cfg.seed, self.step, self.dist.rank)
-                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=generator)))
-                self.ctx.generator = generator
-                self.ctx.step = self.step
-                self.ctx.sample_batch = lambda: self._batch(generator)
-                losses = self.method.training_step(self._batch(generator), self.ctx)
-                for scheduler in self.schedulers.values():
-                    scheduler.step()
-                self.step += 1
-                self.elapsed_s = elapsed_before + time.perf_counter() - session_start
-                # all ranks stop at the same step: rank 0's clock decides under DDP
-                out_of_time = distributed.agree(self.elapsed_s >= budget_s, self.dist)
-                row = {"step": self.step, "step_seconds": time.perf_counter() - t0, "elapsed_seconds": self.elapsed_s, **losses}
-                row["lr"] = next(iter(self.optimizers.values())).param_groups[0]["lr"]
-                last = self.step == cfg.steps or out_of_time
-                validation_step = self.step % cfg.val_every == 0 or last
-                if self.dist.is_main and validation_step and len(self.val_data):
-                    metrics = self.validate()
-                    row.update(metrics)
-                    if metrics["val_score"] > self.best["score"]:
-                        self.best = {"score": metrics["val_score"], "step": self.step, "metrics": metrics}
-                        self.export_model(self.out / MODEL_NAME)
-                elif self.dist.is_main and last and not len(self.val_data):
-                    self.best = {"score": 0.0, "step": self.step, "metrics": {}}
-                    self.export_model(self.out / MODEL_NAME)
-                if self.step % cfg.log_every == 0 or last or "val_score" in row:
-                    logger.log(row)
-                if self.step % cfg.checkpoint_every == 0 or last:
-                    self.save_checkpoint()
-                bar.update(1)
-                postfix = {k: f"{v:.3g}" for k, v in losses.items() if k.startswith("loss")}
-                if math.isfinite(budget_s):
-                    postfix["budget left"] = f"{max(0.0, budget_s - self.elapsed_s) / 60:.1f} min"
-                bar.set_postfix(postfix, refresh=False)
-                if self.progress is not None:
-                    self.progress(self.step, cfg.steps, row)
-                if validation_step:
-                    distributed.barrier(self.dist)  # other ranks wait while rank 0 validates and exports
-                if out_of_time:
-                    if self.dist.is_main:
-                        print(f"Time budget of {cfg.time_budget_minutes:g} min reached at step {self.step}; "
-                              f"best validated step {self.best.get('step')}.", file=sys.stderr, flush=True)
-                    break
-        except TrainingCancelled:
-            self.save_checkpoint()
-            logger.close()
-            bar.close()
-            _restore_handlers(previous_handlers)
+            self.load_data()
+            if cfg.resume:
+                self.load_checkpoint()
+            for handler in self.handlers:
+                handler.started(self)
+                started.append(handler)
+            self.method.train()
+            outcome = self._run_steps()
+            if os.environ.get("CFVA_DEBUG_SYNC"):
+                self._report_sync()
+        finally:
+            for handler in reversed(started):
+                handler.finished(self, outcome)
             distributed.cleanup(self.dist)
-            return None
-        logger.close()
-        bar.close()
-        _restore_handlers(previous_handlers)
-        if os.environ.get("CFVA_DEBUG_SYNC"):
-            self._report_sync()
-        distributed.cleanup(self.dist)
-        return self.out / MODEL_NAME
+        return None if outcome == "cancelled" else self.out / MODEL_NAME
+
+    def _run_steps(self) -> str:
+        cfg = self.config
+        session_start, elapsed_before = time.perf_counter(), self.elapsed_s
+        while self.step < cfg.steps:
+            if any(handler.cancel_requested(self) for handler in self.handlers):
+                return "cancelled"
+            t0 = time.perf_counter()
+            losses = self._train_one_step()
+            self.elapsed_s = elapsed_before + time.perf_counter() - session_start
+            stop = [reason for handler in self.handlers if (reason := handler.stop_reason(self))]
+            row = {"step": self.step, "step_seconds": time.perf_counter() - t0, "elapsed_seconds": self.elapsed_s, **losses}
+            row["lr"] = next(iter(self.optimizers.values())).param_groups[0]["lr"]
+            self.is_last_step = self.step == cfg.steps or bool(stop)
+            for handler in self.handlers:
+                handler.step_ended(self, row)
+            if stop:
+                return "stopped"
+        return "completed"
+
+    def _train_one_step(self) -> dict:
+        """The method's training step on this step's batch, then the learning-rate schedules; the losses."""
+        generator = step_generator(self.config.seed, self.step, self.dist.rank)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=generator)))
+        self.ctx.generator = generator
+        self.ctx.step = self.step
+        self.ctx.sample_batch = lambda: self._batch(generator)
+        losses = self.method.training_step(self._batch(generator), self.ctx)
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+        self.step += 1
+        return losses
 
     def _report_sync(self) -> None:
         """Print a digest of this rank's weights (tests check that DDP ranks end identical)."""
@@ -339,72 +322,3 @@ def train(config: TrainingConfig, progress=None, should_stop=None) -> Path | Non
     if not config.command:
         config.command = shlex.join(["counterfactualva"] + sys.argv[1:]) if sys.argv and sys.argv[0] else ""
     return Trainer(config, progress, should_stop).fit()
-
-
-class _Logger:
-    """CSV log (always) and TensorBoard (when installed), written by rank 0 only."""
-
-    def __init__(self, out: Path, enabled: bool, append: bool):
-        self.enabled = enabled
-        self.path = out / "log.csv"
-        self.rows: list[dict] = []
-        self.writer = None
-        if not enabled:
-            return
-        if append and self.path.exists():
-            with open(self.path) as f:
-                self.rows = list(csv.DictReader(f))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(out / "tensorboard"))
-        except Exception:  # tensorboard is optional
-            self.writer = None
-
-    def log(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        self.rows.append(row)
-        if self.writer is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.writer.add_scalar(k, v, row["step"])
-        keys: list[str] = []
-        for r in self.rows:
-            keys += [k for k in r if k not in keys]
-        with atomic_path(self.path, suffix=".csv") as tmp:
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=keys)
-                w.writeheader()
-                w.writerows(self.rows)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled or not sys.stderr.isatty(), desc="training", unit="step")
-
-
-def _install_stop_handlers(flag: dict):
-    """SIGTERM/SIGINT end the run cleanly at the next step boundary, with a checkpoint."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-
-    def handler(signum, frame):
-        flag["flag"] = True
-
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous[sig] = signal.signal(sig, handler)
-    return previous
-
-
-def _restore_handlers(previous: dict) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)

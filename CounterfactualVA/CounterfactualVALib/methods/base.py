@@ -49,8 +49,17 @@ class AttributionResult:
 class TrainingContext:
     """What the shared loop gives a method's training step: device, precision, optimisation, randomness.
 
-    `optimize(name, loss)` runs backward, averages gradients across DDP ranks, clips if asked, and steps the
-    named optimizer, so methods never deal with AMP or distribution themselves.
+    This is the whole API a method may use during training:
+
+    * ``device``, ``step`` (0-based, of this update), ``total_steps`` (the run's length: schedules, stages);
+    * ``autocast()``: the context to run forward passes in (bf16 on CUDA unless disabled, else nothing);
+    * ``optimize(name, loss, clip_grad_norm=None)``: backward, gradients averaged across DDP ranks, optional
+      clipping, then a step of the optimizer `name` from ``configure_optimizers`` (methods never deal with AMP
+      or distribution themselves);
+    * ``randn(*shape)`` / ``rand(*shape)`` and ``generator``: this step's random numbers (reproducible, resumed
+      runs included);
+    * ``sample_batch()``: a further batch of the training data, like the step's (for methods that update a
+      network several times per step, e.g. VA-GAN's critic).
     """
 
     def __init__(
@@ -68,9 +77,7 @@ class TrainingContext:
         self._all_reduce = all_reduce
         self.step = 0
         self.total_steps = 1
-        #: draws a further batch from the training data (same form as the step's batch), for methods that
-        #: update a network several times per step (e.g. VA-GAN's critic); set by the loop
-        self.sample_batch: Callable[[], dict[str, torch.Tensor]] | None = None
+        self.sample_batch: Callable[[], dict[str, torch.Tensor]] | None = None  # set by the loop for each step
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -148,6 +155,12 @@ class Method:
     def check_config(cls, config: dict | None) -> dict:
         """A training configuration checked against `config_schema` and completed with the defaults."""
         return check_values(cls.name, "configuration keys", cls.config_schema, config or {})
+
+    @classmethod
+    def prepare_config(cls, config: dict, preprocessing) -> dict:
+        """The training configuration completed from the preprocessing (a ``PreprocessingConfig``), before the
+        networks are built: for methods whose networks depend on the model grid. Default: unchanged."""
+        return config
 
     def __init__(self, spatial_dims: int, config: dict | None = None, training: bool = False):
         self.spatial_dims = spatial_dims

@@ -209,6 +209,13 @@ class ICAM(Method):
         padded = [math.ceil(s / self.multiple) * self.multiple for s in grid]
         return (int(self.config["latent_channels"]), *latent_grid(padded, self.levels))
 
+    @classmethod
+    def prepare_config(cls, config: dict, preprocessing) -> dict:
+        """The latent classifier's size follows the model grid: ``grid_size`` from the preprocessing when not given."""
+        if config.get("grid_size") is None:
+            config = {**config, "grid_size": list(preprocessing.size)}
+        return config
+
     def build_networks(self, training: bool):
         c, dims = self.config, self.spatial_dims
         content_channels = [int(v) for v in c["content_channels"]]

@@ -15,9 +15,10 @@ import tempfile
 import slicer
 import vtk
 
+from ..run_files import LOG_NAME
+
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 COHORT_CSV_NAME = "cohort.csv"
-LOG_NAME = "log.csv"
 MODEL_PATH_ATTRIBUTE = "CounterfactualVA.ModelPath"
 RUN_FOLDER_ATTRIBUTE = "CounterfactualVATraining.RunFolder"
 #: plot colours of the loss series (slicer-core scenes have no colour tables for SetUniqueColor)

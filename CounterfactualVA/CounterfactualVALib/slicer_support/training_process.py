@@ -16,11 +16,9 @@ import shlex
 import tempfile
 import time
 
+from ..run_files import CHECKPOINT_NAME, LOG_NAME, MODEL_NAME
 from .process import ProcessRunner
-from .training_data import LOG_NAME
 
-CHECKPOINT_NAME = "checkpoint.pt"  # CounterfactualVATrainingLib.loop.CHECKPOINT_NAME (checked by the tests)
-MODEL_NAME = "model.safetensors"  # CounterfactualVATrainingLib.loop.MODEL_NAME
 #: exit code of `counterfactualva train` when it was stopped with a checkpoint (resumable)
 EXIT_STOPPED = 3
 _PROGRESS_TEXT = re.compile(r"^step\s+(\d+)/(\d+)\s*(.*)$")
