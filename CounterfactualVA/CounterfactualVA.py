@@ -11,7 +11,7 @@ Console use (works in Slicer's Python console and with the ``slicer-core`` wheel
 
     from CounterfactualVA import CounterfactualVALogic
     result = CounterfactualVALogic().run(volumeNode, "/path/model.safetensors", device="auto")
-    result.attribution, result.mask, result.counterfactual, result.summary["scalars"]
+    result.attribution, result.mask, result.counterfactual, result.summary.scalars   # summary: a RunSummary
 """
 
 import importlib
@@ -400,8 +400,8 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
             self._finishProcess()
             self._result = result
             summary = result.summary
-            self._addLog(_("Done on {device} in {seconds:.1f} s.").format(device=summary.get("device", "?"), seconds=summary.get("timings_s", {}).get("total", 0.0)))
-            for name, value in (summary.get("scalars") or {}).items():
+            self._addLog(_("Done on {device} in {seconds:.1f} s.").format(device=summary.device, seconds=summary.timings_s.get("total", 0.0)))
+            for name, value in summary.scalars.items():
                 self._addLog(f"{name}: {value:.4g}")
             self._addLog(_("Created: ") + ", ".join(node.GetName() for node in result.nodes()))
 

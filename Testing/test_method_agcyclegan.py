@@ -174,12 +174,12 @@ def test_model_file_round_trip(synthetic_2d, tmp_path):
         row = next(r for r in csv.DictReader(f) if r["label"] == "1")
     input_path = Path(synthetic_2d).parent / row["path"]
     summary = run_attribution(model, input_path, tmp_path / "out", device="cpu", figure=False)
-    assert summary["outputs"]["extra_kinds"] == {"attention": "probability"}
+    assert summary.outputs.extra_kinds == {"attention": "probability"}
     image = sitk.ReadImage(str(input_path))
     for name in ("counterfactual", "attribution", "mask"):
-        out = sitk.ReadImage(str(tmp_path / "out" / summary["outputs"][name]))
+        out = sitk.ReadImage(str(tmp_path / "out" / getattr(summary.outputs, name)))
         assert out.GetSize() == image.GetSize()
-    attention = sitk.ReadImage(str(tmp_path / "out" / summary["outputs"]["extras"]["attention"]))
+    attention = sitk.ReadImage(str(tmp_path / "out" / summary.outputs.extras["attention"]))
     assert attention.GetSize() == image.GetSize()
     values = sitk.GetArrayFromImage(attention)
     assert values.min() >= -1e-6 and values.max() <= 1 + 1e-6

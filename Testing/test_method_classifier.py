@@ -140,10 +140,10 @@ def test_model_file_round_trip(classifier_model, synthetic_2d, tmp_path):
     for explainer in ("gradcam", "integrated_gradients"):
         out = tmp_path / explainer
         summary = run_attribution(classifier_model, src, out, device="cpu", method_options={"explainer": explainer, "ig_steps": 8}, figure=False)
-        assert summary["outputs"]["counterfactual"] is None
-        assert 0.0 <= summary["scalars"]["class_probability"] <= 1.0
-        assert "positive = evidence for abnormal" in summary["map_sign"]
-        written = sitk.ReadImage(str(out / summary["outputs"]["attribution"]))
+        assert summary.outputs.counterfactual is None
+        assert 0.0 <= summary.scalars["class_probability"] <= 1.0
+        assert "positive = evidence for abnormal" in summary.map_sign
+        written = sitk.ReadImage(str(out / summary.outputs.attribution))
         assert written.GetSize() == image.GetSize()
         np.testing.assert_allclose(written.GetSpacing(), image.GetSpacing())
         np.testing.assert_allclose(written.GetOrigin(), image.GetOrigin())

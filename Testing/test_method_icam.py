@@ -251,11 +251,11 @@ def test_model_file_round_trip(synthetic_2d, tmp_path):
         row = next(r for r in csv.DictReader(f) if r["label"] == "1")
     input_path = Path(synthetic_2d).parent / row["path"]
     summary = run_attribution(model, input_path, tmp_path / "out", device="cpu", figure=False, method_options={"samples": 5})
-    assert summary["method"] == "icam"
-    assert 0.0 <= summary["scalars"]["class_probability"] <= 1.0
-    assert summary["outputs"]["extra_kinds"] == {"icam_mean": "difference", "icam_std": "difference"}
+    assert summary.method == "icam"
+    assert 0.0 <= summary.scalars["class_probability"] <= 1.0
+    assert summary.outputs.extra_kinds == {"icam_mean": "difference", "icam_std": "difference"}
     image = sitk.ReadImage(str(input_path))
-    files = {k: summary["outputs"][k] for k in ("counterfactual", "attribution", "mask")} | summary["outputs"]["extras"]
+    files = {k: getattr(summary.outputs, k) for k in ("counterfactual", "attribution", "mask")} | summary.outputs.extras
     for name, file in files.items():
         out = sitk.ReadImage(str(tmp_path / "out" / file))
         assert out.GetSize() == image.GetSize() and out.GetSpacing() == pytest.approx(image.GetSpacing()), name

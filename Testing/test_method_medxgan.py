@@ -190,15 +190,15 @@ def test_model_file_round_trip(synthetic_2d, tmp_path):
     sitk.WriteImage(image, str(src))
     out = tmp_path / "out"
     summary = run_attribution(model, src, out, device="cpu", method_options={"inversion_steps": 10, "interpolation_frames": 5}, figure=False)
-    assert set(summary["outputs"]["extras"]) == {"medxgan_difference", "medxgan_lig", "medxgan_negative", "medxgan_reconstruction"}
-    assert len(summary["series_values"]["medxgan_interpolation"]) == 5
-    assert {"class_probability", "inversion_mse"} <= set(summary["scalars"])
+    assert set(summary.outputs.extras) == {"medxgan_difference", "medxgan_lig", "medxgan_negative", "medxgan_reconstruction"}
+    assert len(summary.series_values["medxgan_interpolation"]) == 5
+    assert {"class_probability", "inversion_mse"} <= set(summary.scalars)
     for name in ("counterfactual", "attribution", "mask"):
-        written = sitk.ReadImage(str(out / summary["outputs"][name]))
+        written = sitk.ReadImage(str(out / getattr(summary.outputs, name)))
         assert written.GetSize() == image.GetSize()
         np.testing.assert_allclose(written.GetSpacing(), image.GetSpacing())
         np.testing.assert_allclose(written.GetOrigin(), image.GetOrigin())
-    series = sitk.ReadImage(str(out / summary["outputs"]["series"]["medxgan_interpolation"]))
+    series = sitk.ReadImage(str(out / summary.outputs.series["medxgan_interpolation"]))
     assert series.GetNumberOfComponentsPerPixel() == 5 and series.GetSize() == image.GetSize()
     # the classifier travels inside the medXGAN model file: no classifier file needed at inference
     classifier.unlink()

@@ -250,10 +250,10 @@ def test_model_file_round_trip(synthetic_2d, tmp_path):
         row = next(r for r in csv.DictReader(f) if r["label"] == "1")
     input_path = Path(synthetic_2d).parent / row["path"]
     summary = run_attribution(model, input_path, tmp_path / "out", device="cpu", figure=False)
-    assert summary["method"] == "vagan"
+    assert summary.method == "vagan"
     image = sitk.ReadImage(str(input_path))
     for name in ("counterfactual", "attribution", "mask"):
-        out = sitk.ReadImage(str(tmp_path / "out" / summary["outputs"][name]))
+        out = sitk.ReadImage(str(tmp_path / "out" / getattr(summary.outputs, name)))
         assert out.GetSize() == image.GetSize()
         assert out.GetSpacing() == pytest.approx(image.GetSpacing())
         assert np.isfinite(sitk.GetArrayFromImage(out)).all()

@@ -35,7 +35,7 @@ def test_sample_model_records_how_it_was_made():
 
 def _brain_ncc(model, record, out):
     summary = run_attribution(model, record["path"], out, figure=False)
-    amap = sitk.GetArrayFromImage(sitk.ReadImage(str(out / summary["outputs"]["attribution"])))
+    amap = sitk.GetArrayFromImage(sitk.ReadImage(str(out / summary.outputs.attribution)))
     truth = sitk.GetArrayFromImage(sitk.ReadImage(record["mask"]))
     scan = sitk.GetArrayFromImage(sitk.ReadImage(record["path"]))
     brain = scan > 0.1 * np.percentile(scan, 99)

@@ -70,10 +70,10 @@ def test_batch_fills_one_row_per_volume_and_records_failures(scene, tiny_model):
     for row, result in ((rows[0], results[0]), (rows[2], results[2])):
         summary = result.summary
         assert row["status"] == "ok"
-        assert row["method"] == summary["method"] == "vantgan"
-        assert float(row["mask_volume_ml"]) == summary["mask_volume_ml"]  # written exactly
-        assert int(row["mask_voxels"]) == summary["mask_voxels"] > 0
-        probability = (summary.get("scalars") or {}).get("class_probability")
+        assert row["method"] == summary.method == "vantgan"
+        assert float(row["mask_volume_ml"]) == summary.mask_volume_ml  # written exactly
+        assert int(row["mask_voxels"]) == summary.mask_voxels > 0
+        probability = summary.scalars.get("class_probability")
         assert row["class_probability"] == ("" if probability is None else repr(probability))
         assert row["outputs"].split("; ") == [node.GetName() for node in result.nodes()]
         assert result.attribution.GetName().startswith(row["volume"])

@@ -7,13 +7,13 @@ the real command line and a random-weight model, cancel, failures, bad inputs, a
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ if str(MODULE_DIR) not in sys.path:
 import CounterfactualVA as module  # noqa: E402
 from CounterfactualVA import CounterfactualVALogic, makeScene  # noqa: E402
 from CounterfactualVALib import slicer_nodes  # noqa: E402
+from CounterfactualVALib.run_summary import OutputFiles, RunSummary, Thresholds  # noqa: E402
 
 
 
@@ -114,31 +115,36 @@ def write_fixture_outputs(input_node, out_dir: Path, counterfactual=True, extras
         sitk.WriteImage(out, str(out_dir / name), True)
         return name
 
-    outputs = {
-        "counterfactual": write(image + attribution, f"{stem}_counterfactual.nrrd") if counterfactual else None,
-        "attribution": write(attribution, f"{stem}_attribution.nrrd"),
-        "mask": write(mask, f"{stem}_mask.nrrd"),
-        "extras": {},
-        "extra_kinds": {},
-    }
+    outputs = OutputFiles(
+        counterfactual=write(image + attribution, f"{stem}_counterfactual.nrrd") if counterfactual else None,
+        attribution=write(attribution, f"{stem}_attribution.nrrd"),
+        mask=write(mask, f"{stem}_mask.nrrd"),
+    )
     if extras:
-        outputs["extras"] = {
-            "attention": write(rng.uniform(0, 1, image.shape).astype(np.float32), f"{stem}_attention.nrrd"),
-            "icam_std": write(np.abs(attribution) / 10, f"{stem}_icam_std.nrrd"),
-        }
-        outputs["extra_kinds"] = {"attention": "probability", "icam_std": "difference"}
-    summary = {
-        "method": "vantgan",
-        "description": "VANT-GAN counterfactual attribution (fixture).",
-        "map_sign": "counterfactual minus input",
-        "outputs": outputs,
-        "scalars": {"class_probability": 0.93},
-        "thresholds": {"rule": "paper", "value": None, "applied_to_abs_map": float(0.5 * np.abs(attribution).max())},
-        "device": "cpu",
-        "timings_s": {"total": 0.1},
-    }
-    (out_dir / "summary.json").write_text(json.dumps(summary))
+        outputs = replace(
+            outputs,
+            extras={
+                "attention": write(rng.uniform(0, 1, image.shape).astype(np.float32), f"{stem}_attention.nrrd"),
+                "icam_std": write(np.abs(attribution) / 10, f"{stem}_icam_std.nrrd"),
+            },
+            extra_kinds={"attention": "probability", "icam_std": "difference"},
+        )
+    summary = fixture_summary(
+        outputs, Thresholds(rule="paper", value=None, applied_to_abs_map=float(0.5 * np.abs(attribution).max())),
+        description="VANT-GAN counterfactual attribution (fixture).", scalars={"class_probability": 0.93},
+    )
+    summary.write(out_dir)
     return summary, attribution, mask
+
+
+def fixture_summary(outputs: OutputFiles, thresholds: Thresholds, description: str, scalars: dict | None = None) -> RunSummary:
+    """The summary a run with these outputs writes (the figures a fixture does not need are neutral)."""
+    return RunSummary(
+        package_version="fixture", method="vantgan", method_title="VANT-GAN", description=description,
+        map_sign="counterfactual minus input", input="fixture", model="fixture", classes=["normal", "abnormal"],
+        normal_class=0, outputs=outputs, thresholds=thresholds, mask_voxels=0, mask_volume_ml=None,
+        attribution_range=[0.0, 0.0], device="cpu", timings_s={"total": 0.1}, preprocess_state={}, scalars=scalars or {},
+    )
 
 
 @pytest.fixture(scope="session")
@@ -276,7 +282,7 @@ def test_fixture_outputs_become_new_nodes_on_the_input_grid(scene, tmp_path):
     assert result.mask.GetName() == "T1 attribution mask"
     assert set(result.extras) == {"attention", "icam_std"}
     assert result.extras["attention"].GetName() == "T1 attention"
-    assert result["summary"]["scalars"]["class_probability"] == 0.93
+    assert result["summary"].scalars["class_probability"] == 0.93
     assert result.segmentation is None
     for new in result.nodes():
         assert_same_grid(new, node)
@@ -473,12 +479,8 @@ def _overlay_fixture(scene, tmp_path):
         sitk.WriteImage(image, str(out / name))
         return name
 
-    summary = {
-        "method": "vantgan", "description": "overlay fixture", "map_sign": "counterfactual minus input",
-        "outputs": {"counterfactual": None, "attribution": write(attribution, "T1_attribution.nrrd"), "mask": write(mask, "T1_mask.nrrd")},
-        "thresholds": {"rule": "paper", "value": None, "applied_to_abs_map": 20.0},
-    }
-    (out / "summary.json").write_text(json.dumps(summary))
+    outputs = OutputFiles(attribution=write(attribution, "T1_attribution.nrrd"), mask=write(mask, "T1_mask.nrrd"))
+    fixture_summary(outputs, Thresholds(rule="paper", value=None, applied_to_abs_map=20.0), "overlay fixture").write(out)
     to_ras = slicer_nodes.ijk_to_ras(node)
 
     def ras(kji):
@@ -610,7 +612,7 @@ def test_classifier_baseline_without_counterfactual(scene, tmp_path):
 def test_incomplete_output_folder_adds_nothing(scene, tmp_path):
     node = oblique_volume(scene)
     summary, _, _ = write_fixture_outputs(node, tmp_path)
-    os.remove(tmp_path / summary["outputs"]["extras"]["icam_std"])  # the last file to be read is missing
+    os.remove(tmp_path / summary.outputs.extras["icam_std"])  # the last file to be read is missing
     count = node_count(scene)
     with pytest.raises(RuntimeError, match="missing or damaged"):
         CounterfactualVALogic().loadResults(node, tmp_path)
@@ -685,7 +687,7 @@ def test_cancel_kills_the_process_and_creates_nothing(scene, tiny_model):
     stages = []
     process = CounterfactualVALogic().run(node, tiny_model, device="cpu", waitForCompletion=False, progressCallback=lambda f, s: stages.append(s))
     deadline = time.monotonic() + 60
-    while not any(s.startswith("Checking model") for s in stages) and time.monotonic() < deadline:
+    while not any(s.startswith("Loading model") for s in stages) and time.monotonic() < deadline:
         assert process.poll() is False
         time.sleep(0.05)
     assert process.running
@@ -728,8 +730,8 @@ def test_self_test_end_to_end_under_slicer_core(tiny_model, monkeypatch):
         assert_same_grid(new, node)
     assert any("Running VANT-GAN" in stage for _, stage in test.progress)
     assert not any(line.startswith("PROGRESS") for line in log)  # progress lines are parsed, not logged
-    assert result.summary["thresholds"]["rule"] == "percentile"
-    assert "CPU" in result.summary["device"]
+    assert result.summary.thresholds.rule == "percentile"
+    assert "CPU" in result.summary.device
     assert "VANT-GAN" in result.attribution.GetDescription()
     np.testing.assert_allclose(
         slicer.util.arrayFromVolume(result.counterfactual),

@@ -54,8 +54,9 @@ def cmd_attribute(args) -> int:
         progress=_progress_printer(args.progress),
     )
     out = Path(args.out)
-    print(f"Wrote {', '.join(str(out / f) for f in [summary['outputs']['counterfactual'], summary['outputs']['attribution'], summary['outputs']['mask']] if f)}", file=sys.stderr)
-    print(f"Timings (s): {json.dumps(summary['timings_s'])}", file=sys.stderr)
+    files = summary.outputs
+    print(f"Wrote {', '.join(str(out / f) for f in [files.counterfactual, files.attribution, files.mask] if f)}", file=sys.stderr)
+    print(f"Timings (s, in-process): {json.dumps(summary.timings_s)}", file=sys.stderr)
     return 0
 
 

@@ -115,13 +115,17 @@ def head_mask_on_grid(image: np.ndarray, config: PreprocessingConfig) -> np.ndar
     return head_mask(image - image.min(), config.foreground_fraction)
 
 
-def _foreground_centre(image: sitk.Image, fraction: float) -> np.ndarray:
-    """Physical centre of the bounding box of the head (:func:`head_mask`)."""
-    mask = head_mask(sitk.GetArrayViewFromImage(image), fraction)
-    if not mask.any():
+def _foreground_centre(image: sitk.Image, head: np.ndarray) -> np.ndarray:
+    """Physical centre of the bounding box of the head (`head`: :func:`head_mask` of the image)."""
+    if not head.any():
         return _image_centre(image)
-    idx = np.argwhere(mask)  # numpy order
-    lo, hi = idx.min(0)[::-1], idx.max(0)[::-1]  # to ITK order
+    # Bounding box from the per-axis projections (as np.argwhere's min/max, without listing every voxel).
+    lo, hi = [], []
+    for axis in range(head.ndim):
+        present = np.flatnonzero(head.any(axis=tuple(a for a in range(head.ndim) if a != axis)))
+        lo.append(present[0])
+        hi.append(present[-1])
+    lo, hi = np.asarray(lo[::-1], float), np.asarray(hi[::-1], float)  # to ITK order
     centre_index = (lo + hi) / 2.0
     return np.asarray(image.TransformContinuousIndexToPhysicalPoint([float(c) for c in centre_index]))
 
@@ -131,7 +135,8 @@ def _image_centre(image: sitk.Image) -> np.ndarray:
     return np.asarray(image.TransformContinuousIndexToPhysicalPoint(centre_index))
 
 
-def intensity_range(array: np.ndarray, config: PreprocessingConfig) -> tuple[float, float]:
+def intensity_range(array: np.ndarray, config: PreprocessingConfig, head: np.ndarray | None = None) -> tuple[float, float]:
+    """(low, high) input intensities mapped to -1 and 1; `head`: :func:`head_mask` of `array` when already known."""
     if config.intensity == "none":
         return -1.0, 1.0
     if config.intensity == "minmax":
@@ -139,7 +144,7 @@ def intensity_range(array: np.ndarray, config: PreprocessingConfig) -> tuple[flo
     else:
         values = array
         if config.crop == "foreground":
-            fg = head_mask(array, config.foreground_fraction)
+            fg = head_mask(array, config.foreground_fraction) if head is None else head
             if fg.sum() > 10:
                 values = array[fg]
         low, high = (float(v) for v in np.percentile(values, config.percentiles))
@@ -154,10 +159,16 @@ def intensity_range(array: np.ndarray, config: PreprocessingConfig) -> tuple[flo
     return low, high
 
 
-def model_grid_for(image: sitk.Image, config: PreprocessingConfig) -> tuple[tuple, tuple, tuple, tuple]:
-    """(origin, spacing, direction, size) of the model grid placed over `image`."""
+def model_grid_for(image: sitk.Image, config: PreprocessingConfig, head: np.ndarray | None = None) -> tuple[tuple, tuple, tuple, tuple]:
+    """(origin, spacing, direction, size) of the model grid placed over `image` (`head`: its
+    :func:`head_mask` when already known)."""
     direction = _grid_direction(config)
-    centre = _foreground_centre(image, config.foreground_fraction) if config.crop == "foreground" else _image_centre(image)
+    if config.crop == "foreground":
+        if head is None:
+            head = head_mask(sitk.GetArrayViewFromImage(image), config.foreground_fraction)
+        centre = _foreground_centre(image, head)
+    else:
+        centre = _image_centre(image)
     d = np.asarray(direction).reshape(config.spatial_dims, config.spatial_dims)
     half_extent = np.asarray([(s - 1) / 2.0 * sp for s, sp in zip(config.size, config.spacing)])
     origin = centre - d @ half_extent
@@ -167,8 +178,20 @@ def model_grid_for(image: sitk.Image, config: PreprocessingConfig) -> tuple[tupl
 def preprocess(image: sitk.Image, config: PreprocessingConfig, name: str = "input") -> tuple[np.ndarray, PreprocessState]:
     """Validate `image` and bring it onto the model grid; returns (array in numpy order, state)."""
     image = validate_image(image, config.spatial_dims, name=name)
-    low, high = intensity_range(sitk.GetArrayViewFromImage(image), config)
-    origin, spacing, direction, size = model_grid_for(image, config)
+    return preprocess_validated(image, config, input_head_mask(sitk.GetArrayViewFromImage(image), config))
+
+
+def input_head_mask(array: np.ndarray, config: PreprocessingConfig) -> np.ndarray | None:
+    """:func:`head_mask` of an input image for ``crop="foreground"`` models (None otherwise): computed once
+    per input and shared by the grid placement, the intensity mapping and the output mask's region."""
+    return head_mask(array, config.foreground_fraction) if config.crop == "foreground" else None
+
+
+def preprocess_validated(image: sitk.Image, config: PreprocessingConfig, head: np.ndarray | None) -> tuple[np.ndarray, PreprocessState]:
+    """:func:`preprocess` for an image :func:`validate_image` has already returned, with its
+    :func:`input_head_mask`."""
+    low, high = intensity_range(sitk.GetArrayViewFromImage(image), config, head)
+    origin, spacing, direction, size = model_grid_for(image, config, head)
     state = PreprocessState(origin, spacing, direction, size, low, high)
     resampled = resample_to_grid(image, state.model_grid(), kind="intensity", default=low, interpolation=config.interpolation)
     array = sitk.GetArrayFromImage(resampled)

@@ -429,11 +429,11 @@ def show_signed_map(node, max_abs: float | None = None, transparent_below: float
     return m
 
 
-def overlay_threshold(summary: dict | None, attribution, mask=None, fraction: float = OVERLAY_CUT_FRACTION) -> float | None:
+def overlay_threshold(summary, attribution, mask=None, fraction: float = OVERLAY_CUT_FRACTION) -> float | None:
     """The |map| below which the signed overlay is transparent: `fraction` of the threshold the mask was made
-    with (``summary["thresholds"]["applied_to_abs_map"]``, else the smallest |map| inside the mask); None when
-    neither is known (then the whole map is drawn)."""
-    applied = ((summary or {}).get("thresholds") or {}).get("applied_to_abs_map")
+    with (``summary.thresholds.applied_to_abs_map`` of a :class:`~CounterfactualVALib.run_summary.RunSummary`,
+    else the smallest |map| inside the mask); None when neither is known (then the whole map is drawn)."""
+    applied = summary.thresholds.applied_to_abs_map if summary is not None else None
     if not (isinstance(applied, (int, float)) and np.isfinite(applied) and applied > 0):
         applied = None
         if mask is not None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.networks.layers.factories import Act, Conv, Norm
 from torch import nn
+
+from .layers import CONV, INSTANCE_NORM
 
 from .resnet_generator import ResidualBlock
 
@@ -19,11 +20,11 @@ from .resnet_generator import ResidualBlock
 class AttentionNetwork(nn.Module):
     def __init__(self, spatial_dims: int, in_channels: int = 1, channels: tuple[int, int] = (32, 64), n_blocks: int = 1):
         super().__init__()
-        conv = Conv[Conv.CONV, spatial_dims]
+        conv = CONV[spatial_dims]
         c1, c2 = channels
 
         def norm_act(c):
-            return [Norm[Norm.INSTANCE, spatial_dims](c, affine=False), Act[Act.RELU](inplace=True)]
+            return [INSTANCE_NORM[spatial_dims](c, affine=False), nn.ReLU(inplace=True)]
 
         self.down1 = nn.Sequential(conv(in_channels, c1, 7, stride=2, padding=3, padding_mode="reflect"), *norm_act(c1))
         self.down2 = nn.Sequential(conv(c1, c2, 3, stride=2, padding=1), *norm_act(c2))

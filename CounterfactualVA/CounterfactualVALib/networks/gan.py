@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
 
@@ -15,6 +14,8 @@ class PatchGANDiscriminator(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int = 1, ndf: int = 64, n_layers: int = 3, norm: str = "INSTANCE"):
         super().__init__()
+        from monai.networks.nets import PatchDiscriminator  # training only: MONAI's import is slow (see networks.layers)
+
         self.net = PatchDiscriminator(
             spatial_dims=spatial_dims, channels=ndf, in_channels=in_channels, out_channels=1, num_layers_d=n_layers, norm=norm
         )

@@ -35,14 +35,15 @@ from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
-from monai.networks.layers.factories import Act, Conv, Norm, Pool
 from torch import nn
+
+from .layers import ADAPTIVE_AVG_POOL, AVG_POOL, CONV, CONV_TRANSPOSE, INSTANCE_NORM
 
 from .resnet_generator import ResidualBlock
 
 
 def _leaky(slope: float = 0.2) -> nn.Module:
-    return Act[Act.LEAKYRELU](negative_slope=slope, inplace=False)
+    return nn.LeakyReLU(negative_slope=slope, inplace=False)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -79,14 +80,14 @@ class ContentEncoder(nn.Module):
         noise_std: float = 1.0,
     ):
         super().__init__()
-        conv = Conv[Conv.CONV, spatial_dims]
+        conv = CONV[spatial_dims]
         channels = list(channels)
         layers: list[nn.Module] = [conv(in_channels, channels[0], 3, padding=1, padding_mode="reflect"), _leaky()]
         for c_in, c_out in pairwise(channels):
             layers += [
                 conv(c_in, c_out, 3, stride=2, padding=1),
-                Norm[Norm.INSTANCE, spatial_dims](c_out, affine=False),
-                Act[Act.RELU](inplace=True),
+                INSTANCE_NORM[spatial_dims](c_out, affine=False),
+                nn.ReLU(inplace=True),
             ]
         layers += [ResidualBlock(spatial_dims, channels[-1], "instance") for _ in range(n_res_blocks)]
         self.model = nn.Sequential(*layers)
@@ -107,8 +108,8 @@ class MeanPoolBlock(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int):
         super().__init__()
-        conv = Conv[Conv.CONV, spatial_dims]
-        pool = Pool[Pool.AVG, spatial_dims]
+        conv = CONV[spatial_dims]
+        pool = AVG_POOL[spatial_dims]
         self.body = nn.Sequential(
             _leaky(),
             conv(in_channels, in_channels, 3, padding=1, padding_mode="reflect"),
@@ -131,7 +132,7 @@ class AttributeEncoder(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int = 1, channels: Sequence[int] = (16, 32, 48), latent_channels: int = 1):
         super().__init__()
-        conv = Conv[Conv.CONV, spatial_dims]
+        conv = CONV[spatial_dims]
         channels = list(channels)
         layers: list[nn.Module] = [conv(in_channels, channels[0], 4, stride=2, padding=1, padding_mode="reflect")]
         layers += [MeanPoolBlock(spatial_dims, a, b) for a, b in pairwise(channels)]
@@ -168,8 +169,8 @@ class Generator(nn.Module):
         out_channels: int = 1,
     ):
         super().__init__()
-        conv = Conv[Conv.CONV, spatial_dims]
-        conv_t = Conv[Conv.CONVTRANS, spatial_dims]
+        conv = CONV[spatial_dims]
+        conv_t = CONV_TRANSPOSE[spatial_dims]
         self.code = nn.Sequential(conv(latent_channels, code_channels, 3, padding=1, padding_mode="replicate"), _leaky())
         c = content_channels + code_channels
         self.blocks = nn.Sequential(*[ResidualBlock(spatial_dims, c, "instance") for _ in range(n_res_blocks)])
@@ -207,7 +208,7 @@ class DomainDiscriminator(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int = 1, ndf: int = 16, n_layers: int = 4, max_channels: int = 256, n_classes: int = 2):
         super().__init__()
-        conv = Conv[Conv.CONV, spatial_dims]
+        conv = CONV[spatial_dims]
         layers: list[nn.Module] = []
         c_in, c_out = in_channels, ndf
         for _ in range(n_layers):
@@ -215,7 +216,7 @@ class DomainDiscriminator(nn.Module):
             c_in, c_out = c_out, min(2 * c_out, max_channels)
         self.trunk = nn.Sequential(*layers)
         self.adv = conv(c_in, 1, 3, padding=1)
-        self.pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
+        self.pool = ADAPTIVE_AVG_POOL[spatial_dims](1)
         self.cls = nn.Linear(c_in, n_classes)
         self.min_size = 2**n_layers
 
@@ -231,14 +232,14 @@ class ContentDiscriminator(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int = 64, channels: int = 64, n_layers: int = 3):
         super().__init__()
-        conv = Conv[Conv.CONV, spatial_dims]
+        conv = CONV[spatial_dims]
         layers: list[nn.Module] = []
         c_in = in_channels
         for _ in range(n_layers):
             layers += [conv(c_in, channels, 3, stride=2, padding=1), _leaky()]
             c_in = channels
         self.trunk = nn.Sequential(*layers)
-        self.pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
+        self.pool = ADAPTIVE_AVG_POOL[spatial_dims](1)
         self.fc = nn.Linear(c_in, 1)
 
     def forward(self, z_c: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """CycleGAN-style ResNet generator for 2D or 3D images.
 
 Stem conv (k7, reflection padding) -> `n_downsampling` stride-2 convs -> `n_blocks` residual blocks ->
-as many transposed convs -> k7 conv. Built from MONAI's layer factories so one class serves both
+as many transposed convs -> k7 conv. Built from `layers` (torch.nn classes by dimensionality) so one class serves both
 dimensionalities. `output_activation` selects how the last layer is bounded: "tanh" for images in
 [-1, 1], "tanh2" (2 * tanh) for difference maps, which must reach +-2 to turn any [-1, 1] voxel into any
 other, and "none" for unbounded outputs.
@@ -10,26 +10,27 @@ other, and "none" for unbounded outputs.
 from __future__ import annotations
 
 import torch
-from monai.networks.layers.factories import Act, Conv, Norm
 from torch import nn
+
+from .layers import BATCH_NORM, CONV, CONV_TRANSPOSE, INSTANCE_NORM
 
 
 def _norm(spatial_dims: int, channels: int, norm: str) -> nn.Module:
     if norm == "instance":
-        return Norm[Norm.INSTANCE, spatial_dims](channels, affine=False)
+        return INSTANCE_NORM[spatial_dims](channels, affine=False)
     if norm == "batch":
-        return Norm[Norm.BATCH, spatial_dims](channels)
+        return BATCH_NORM[spatial_dims](channels)
     raise ValueError(f"norm must be 'instance' or 'batch', got {norm!r}")
 
 
 class ResidualBlock(nn.Module):
     def __init__(self, spatial_dims: int, channels: int, norm: str = "instance"):
         super().__init__()
-        conv = Conv[Conv.CONV, spatial_dims]
+        conv = CONV[spatial_dims]
         self.body = nn.Sequential(
             conv(channels, channels, 3, padding=1, padding_mode="reflect", bias=norm != "batch"),
             _norm(spatial_dims, channels, norm),
-            Act[Act.RELU](inplace=True),
+            nn.ReLU(inplace=True),
             conv(channels, channels, 3, padding=1, padding_mode="reflect", bias=norm != "batch"),
             _norm(spatial_dims, channels, norm),
         )
@@ -53,24 +54,24 @@ class ResNetGenerator(nn.Module):
         super().__init__()
         if output_activation not in ("tanh", "tanh2", "none"):
             raise ValueError(f"output_activation must be tanh, tanh2 or none, got {output_activation!r}")
-        conv = Conv[Conv.CONV, spatial_dims]
-        conv_t = Conv[Conv.CONVTRANS, spatial_dims]
+        conv = CONV[spatial_dims]
+        conv_t = CONV_TRANSPOSE[spatial_dims]
         bias = norm != "batch"
         layers: list[nn.Module] = [
             conv(in_channels, ngf, 7, padding=3, padding_mode="reflect", bias=bias),
             _norm(spatial_dims, ngf, norm),
-            Act[Act.RELU](inplace=True),
+            nn.ReLU(inplace=True),
         ]
         channels = ngf
         for _ in range(n_downsampling):
-            layers += [conv(channels, channels * 2, 3, stride=2, padding=1, bias=bias), _norm(spatial_dims, channels * 2, norm), Act[Act.RELU](inplace=True)]
+            layers += [conv(channels, channels * 2, 3, stride=2, padding=1, bias=bias), _norm(spatial_dims, channels * 2, norm), nn.ReLU(inplace=True)]
             channels *= 2
         layers += [ResidualBlock(spatial_dims, channels, norm) for _ in range(n_blocks)]
         for _ in range(n_downsampling):
             layers += [
                 conv_t(channels, channels // 2, 3, stride=2, padding=1, output_padding=1, bias=bias),
                 _norm(spatial_dims, channels // 2, norm),
-                Act[Act.RELU](inplace=True),
+                nn.ReLU(inplace=True),
             ]
             channels //= 2
         layers += [conv(channels, out_channels, 7, padding=3, padding_mode="reflect")]

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 from .. import slicer_nodes
+from ..run_summary import RunSummary
 
 PALETTES = tuple(slicer_nodes.DIVERGING_PALETTES)
 #: node attributes (``CounterfactualVA.<key>``) that let later palette changes redraw a result
@@ -22,14 +23,15 @@ CUT_ATTRIBUTE = "CounterfactualVA.OverlayCut"
 
 @dataclass
 class CounterfactualVAResult:
-    """The nodes one run created (all new; None where the method has no such output) and its summary."""
+    """The nodes one run created (all new; None where the method has no such output) and its summary
+    (a :class:`~CounterfactualVALib.run_summary.RunSummary`)."""
 
     counterfactual: object = None
     attribution: object = None
     mask: object = None
     segmentation: object = None
     extras: dict = field(default_factory=dict)
-    summary: dict = field(default_factory=dict)
+    summary: RunSummary | None = None
 
     def __getitem__(self, key):  # result["attribution"] works too
         return getattr(self, key)
@@ -60,36 +62,29 @@ def load_results(
     palette: the diverging colour map of the signed maps (one of :data:`PALETTES`; ValueError otherwise,
     before anything is read)."""
     check_palette(palette)
-    summaryPath = os.path.join(outDir, "summary.json")
-    if not os.path.isfile(summaryPath):
-        raise RuntimeError(f"The attribution finished without a summary ({summaryPath} is missing): the output is incomplete.")
-    with open(summaryPath, encoding="utf-8") as f:
-        summary = json.load(f)
-    outputs = summary.get("outputs") or {}
-    if not outputs.get("attribution") or not outputs.get("mask"):
-        raise RuntimeError(f"{summaryPath} names no attribution or mask file: the output is incomplete.")
+    summary = RunSummary.read(outDir)  # SummaryError (a RuntimeError) when missing, damaged or incomplete
+    outputs = summary.outputs
     name = inputVolumeNode.GetName()
-    kinds = outputs.get("extra_kinds") or {}
     # (role, node name, file, labelmap, display kind)
     plan = []
-    if outputs.get("counterfactual"):
-        plan.append(("counterfactual", f"{name} counterfactual", outputs["counterfactual"], False, "intensity"))
-    plan.append(("attribution", f"{name} attribution", outputs["attribution"], False, "difference"))
-    plan.append(("mask", f"{name} attribution mask", outputs["mask"], True, "mask"))
-    for extra, fileName in (outputs.get("extras") or {}).items():
-        plan.append((f"extra:{extra}", f"{name} {extra}", fileName, False, kinds.get(extra, "difference")))
+    if outputs.counterfactual:
+        plan.append(("counterfactual", f"{name} counterfactual", outputs.counterfactual, False, "intensity"))
+    plan.append(("attribution", f"{name} attribution", outputs.attribution, False, "difference"))
+    plan.append(("mask", f"{name} attribution mask", outputs.mask, True, "mask"))
+    for extra, fileName in outputs.extras.items():
+        plan.append((f"extra:{extra}", f"{name} {extra}", fileName, False, outputs.extra_kinds.get(extra, "difference")))
 
-    if outputs.get("series"):
-        logging.info("CounterfactualVA: image series outputs (%s) are not loaded into the scene.", ", ".join(outputs["series"]))
+    if outputs.series:
+        logging.info("CounterfactualVA: image series outputs (%s) are not loaded into the scene.", ", ".join(outputs.series))
     loaded = [(role, nodeName, slicer_nodes.read_output_like(os.path.join(outDir, fileName), inputVolumeNode, labelmap), kind)
               for role, nodeName, fileName, labelmap, kind in plan]
 
     result = CounterfactualVAResult(summary=summary)
     added = []
     try:
-        description = summary.get("description", "CounterfactualVA output")
-        method = summary.get("method")
-        scalars = json.dumps(summary.get("scalars") or {})
+        description = summary.description
+        method = summary.method
+        scalars = json.dumps(summary.scalars)
         for role, nodeName, node, kind in loaded:
             slicer_nodes.add_to_scene_like(node, inputVolumeNode, nodeName)
             added.append(node)
@@ -151,18 +146,18 @@ def recolor_results(scene, palette: str) -> list:
     return redrawn
 
 
-def role_text(role, summary, kind) -> str:
-    thresholds = summary.get("thresholds") or {}
+def role_text(role, summary: RunSummary, kind) -> str:
+    thresholds = summary.thresholds
     if role == "counterfactual":
         return "Counterfactual (healthy-looking counterpart) of the input."
     if role == "attribution":
-        sign = summary.get("map_sign", "counterfactual minus input")
+        sign = summary.map_sign
         return (
             f"Signed attribution map: {sign}; displayed with a window centred on 0 (blue negative, red positive), "
             "transparent in slice views where |map| is below the mask threshold (the values are the method's)."
         )
     if role == "mask":
-        rule, applied = thresholds.get("rule", "?"), thresholds.get("applied_to_abs_map")
+        rule, applied = thresholds.rule, thresholds.applied_to_abs_map
         cut = f"{applied:.4g}" if isinstance(applied, (int, float)) else "?"
         return f"Attribution mask: 1 where |map| >= {cut} (threshold rule '{rule}')."
     return f"Method output '{role[len('extra:'):]}' ({kind})."
@@ -205,11 +200,11 @@ def start_batch_table(scene, tableNode=None):
 def batch_row(name: str, result: CounterfactualVAResult | None = None, error: Exception | None = None) -> dict:
     if result is None:
         return {"volume": name, "status": f"error: {error}"}
-    summary = result.summary or {}
+    summary = result.summary
     return {
-        "volume": name, "method": summary.get("method"),
-        "class_probability": (summary.get("scalars") or {}).get("class_probability"),
-        "mask_volume_ml": summary.get("mask_volume_ml"), "mask_voxels": summary.get("mask_voxels"),
+        "volume": name, "method": summary.method,
+        "class_probability": summary.scalars.get("class_probability"),
+        "mask_volume_ml": summary.mask_volume_ml, "mask_voxels": summary.mask_voxels,
         "outputs": "; ".join(node.GetName() for node in result.nodes()), "status": "ok",
     }
 
