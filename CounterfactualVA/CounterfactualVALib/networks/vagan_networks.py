@@ -9,7 +9,8 @@
   norm would break the per-sample gradient penalty), ending in a 1x1 convolution and a global average pool to
   one score per image.
 
-Both are built from MONAI's ``Convolution`` block. MONAI's ``UNet`` does its first convolution at stride 2
+Both are built from MONAI's ``Convolution`` block layout (:func:`~CounterfactualVALib.networks.layers.conv_block`:
+the same modules and state-dict keys, without importing MONAI). MONAI's ``UNet`` does its first convolution at stride 2
 (no full-resolution encoder features) and ``BasicUNet`` has a fixed five-level layout, so neither matches
 VA-GAN's map generator; this is the classic U-Net from the same blocks. Any input size works: pooling uses
 ``ceil_mode`` and the decoder crops to the skip connection's size, and the critic only pools axes that are
@@ -22,14 +23,15 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution
 from torch import nn
+
+from .layers import conv_block
 
 
 def _double_conv(spatial_dims: int, in_channels: int, out_channels: int, norm, act) -> nn.Sequential:
     return nn.Sequential(
-        Convolution(spatial_dims, in_channels, out_channels, kernel_size=3, norm=norm, act=act, bias=norm is None),
-        Convolution(spatial_dims, out_channels, out_channels, kernel_size=3, norm=norm, act=act, bias=norm is None),
+        conv_block(spatial_dims, in_channels, out_channels, kernel_size=3, norm=norm, act=act, bias=norm is None),
+        conv_block(spatial_dims, out_channels, out_channels, kernel_size=3, norm=norm, act=act, bias=norm is None),
     )
 
 
@@ -52,14 +54,14 @@ class MapUNet(nn.Module):
         in_channels: int = 1,
         out_channels: int = 1,
         channels: Sequence[int] = (16, 32, 64, 128),
-        norm: str | None = "BATCH",
+        norm: str | None = "batch",
         head_init_std: float = 1e-3,
     ):
         super().__init__()
         if len(channels) < 2:
             raise ValueError(f"MapUNet needs at least two levels, got channels={tuple(channels)}")
         self.spatial_dims = spatial_dims
-        act = "RELU"
+        act = "relu"
         self.encoders = nn.ModuleList()
         previous = in_channels
         for c in channels:
@@ -69,13 +71,13 @@ class MapUNet(nn.Module):
         self.decoders = nn.ModuleList()
         for deeper, c in zip(reversed(channels[1:]), reversed(channels[:-1])):
             self.upsamplers.append(
-                Convolution(
-                    spatial_dims, deeper, c, strides=2, kernel_size=2, norm=norm, act=act,
-                    is_transposed=True, padding=0, output_padding=0, bias=norm is None,
+                conv_block(
+                    spatial_dims, deeper, c, stride=2, kernel_size=2, norm=norm, act=act,
+                    transposed=True, padding=0, output_padding=0, bias=norm is None,
                 )
             )
             self.decoders.append(_double_conv(spatial_dims, 2 * c, c, norm, act))
-        self.head = Convolution(spatial_dims, channels[0], out_channels, kernel_size=1, conv_only=True)
+        self.head = conv_block(spatial_dims, channels[0], out_channels, kernel_size=1, conv_only=True)
         # Start near the identity (map ~ 0): the L1 term then starts at its minimum and the critic decides what
         # changes, instead of the generator first spending steps shrinking a random initial map. Adam's
         # per-parameter step size makes the small head weights no obstacle to learning the earlier layers.
@@ -114,16 +116,16 @@ class C3DCritic(nn.Module):
         super().__init__()
         if len(channels) != len(convs_per_stage):
             raise ValueError("C3DCritic: channels and convs_per_stage must have the same length")
-        act = "RELU" if negative_slope == 0 else ("LEAKYRELU", {"negative_slope": negative_slope})
+        act = "relu" if negative_slope == 0 else ("leakyrelu", negative_slope)
         self.stages = nn.ModuleList()
         previous = in_channels
         for c, n in zip(channels, convs_per_stage):
             layers = []
             for _ in range(n):
-                layers.append(Convolution(spatial_dims, previous, c, kernel_size=3, norm=None, act=act))
+                layers.append(conv_block(spatial_dims, previous, c, kernel_size=3, norm=None, act=act))
                 previous = c
             self.stages.append(nn.Sequential(*layers))
-        self.head = Convolution(spatial_dims, previous, 1, kernel_size=1, conv_only=True)
+        self.head = conv_block(spatial_dims, previous, 1, kernel_size=1, conv_only=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x
