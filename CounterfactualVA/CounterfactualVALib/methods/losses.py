@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.losses import PatchAdversarialLoss
 
 CRITERIA = ("least_squares", "bce", "hinge")
 
@@ -39,6 +38,10 @@ class AdversarialLoss:
             raise ValueError(f"adversarial criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
         self.criterion = criterion
         if criterion == "least_squares":
+            # imported here, not with the module: methods build their losses only for training, and importing
+            # MONAI loads its whole package (seconds a `counterfactualva attribute` run should not wait for)
+            from monai.losses import PatchAdversarialLoss
+
             self._patch_loss = PatchAdversarialLoss(criterion="least_squares", no_activation_leastsq=True)
 
     def real(self, logits: torch.Tensor) -> torch.Tensor:
