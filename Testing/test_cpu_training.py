@@ -154,3 +154,16 @@ def test_position_channels_make_the_map_depend_on_where_a_voxel_is():
         assert torch.equal(without._generate("a2m", x, here), without._generate("a2m", x, there))
     with pytest.raises(ValueError, match="position_channels needs generator=unet"):
         create_method("vantgan", 3, {"ngf": 4, "n_blocks": 1, "position_channels": True})
+
+
+def test_antgan_unet_translator_is_plain_not_residual():
+    """ANT-GAN is the baseline VANT-GAN improves on: with U-Nets its A2N still makes a whole image (starting
+    grey), while VANT-GAN's map generator starts at the zero map; the cycle's N2A starts at the identity."""
+    antgan = create_method("antgan", 3, UNET, training=True)
+    vantgan = create_method("vantgan", 3, UNET, training=True)
+    x = torch.rand(1, 1, 16, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert antgan.networks["a2n"](x).abs().max() < 0.05  # grey, far from x
+        assert (x.abs().mean() > 0.3) and ((antgan.to_normal(x) - x).abs().mean() > 0.3)
+        assert (vantgan.to_normal(x) - x).abs().max() < 0.05
+        assert (antgan.networks["n2a"](x) - x).abs().max() < 0.05

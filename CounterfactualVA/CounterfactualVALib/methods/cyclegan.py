@@ -29,20 +29,27 @@ from .losses import AdversarialLoss
 
 
 class ChangeGenerator(nn.Module):
-    """A U-Net that predicts a bounded change: the map itself (``"map"``) or ``x + map`` (``"image"``).
+    """A light U-Net generator. ``role``: ``"map"`` outputs a bounded change ``2 tanh(u)`` (it can move any voxel
+    in [-1, 1] to any other), ``"residual"`` outputs ``x + 2 tanh(u)``, ``"image"`` a whole new image
+    ``tanh(u)`` (ANT-GAN's plain translator: it starts at a grey image, not at the identity)."""
 
-    The map is ``2 * tanh`` of the U-Net's output, so it can move any voxel in [-1, 1] to any other."""
+    ROLES = ("map", "residual", "image")
 
     def __init__(self, spatial_dims: int, channels, role: str, position_channels: bool = False, head_init_std: float = 1e-3):
         super().__init__()
         in_channels = 1 + (spatial_dims if position_channels else 0)
         self.unet = MapUNet(spatial_dims, in_channels, 1, channels=tuple(channels), norm=None, head_init_std=head_init_std)
+        if role not in self.ROLES:
+            raise ValueError(f"role must be one of {self.ROLES}, got {role!r}")
         self.role = role
         self.position_channels = position_channels
 
     def forward(self, x: torch.Tensor, coordinates: torch.Tensor | None = None) -> torch.Tensor:
         inputs = with_position(x, coordinates) if self.position_channels else x
-        change = 2.0 * torch.tanh(self.unet(inputs))
+        out = self.unet(inputs)
+        if self.role == "image":
+            return torch.tanh(out)
+        change = 2.0 * torch.tanh(out)
         return change if self.role == "map" else x + change
 
 
@@ -86,16 +93,18 @@ class CycleTranslationMethod(Method):
             raise ValueError(f"{self.name}: position_channels needs generator=unet (the ResNet generators take one channel).")
         position = bool(c["position_channels"])
 
-        def generator(activation):
+        def generator(activation, residual=False):
             if c["generator"] == "unet":
-                return ChangeGenerator(dims, c["unet_channels"], "map" if activation == "tanh2" else "image", position, c["unet_head_init_std"])
+                role = "map" if activation == "tanh2" else ("residual" if residual else "image")
+                return ChangeGenerator(dims, c["unet_channels"], role, position, c["unet_head_init_std"])
             return init_normal_weights(
                 ResNetGenerator(dims, 1, 1, c["ngf"], c["n_downsampling"], c["n_blocks"], output_activation=activation)
             )
 
         nets = {self.normal_generator: generator(self.normal_generator_activation)}
         if training:
-            nets["n2a"] = generator("tanh")
+            # N2A is a helper of the cycle, never used for attribution: with U-Nets it starts at the identity
+            nets["n2a"] = generator("tanh", residual=True)
             d_channels = 1 + (dims if position else 0)
             nets["d_n"] = init_normal_weights(PatchGANDiscriminator(dims, d_channels, c["ndf"], c["n_layers_d"]))
             nets["d_a"] = init_normal_weights(PatchGANDiscriminator(dims, d_channels, c["ndf"], c["n_layers_d"]))
