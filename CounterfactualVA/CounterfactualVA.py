@@ -34,6 +34,7 @@ if MODULE_DIR not in sys.path:  # CounterfactualVALib and CounterfactualVACLI li
 from CounterfactualVALib import slicer_nodes  # noqa: E402
 from CounterfactualVALib.slicer_support import process as processes  # noqa: E402
 from CounterfactualVALib.slicer_support import attribution, results, sample_data, settings, testing  # noqa: E402
+from CounterfactualVALib.slicer_support.attribution_worker import AttributionWorker, WorkerAttributionProcess  # noqa: E402
 from CounterfactualVALib.slicer_support.device_probe import DeviceProbe  # noqa: E402
 from CounterfactualVALib.slicer_support.framework import (  # noqa: E402  (stand-ins under slicer-core)
     HAVE_SLICER_APP,
@@ -205,6 +206,7 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
 
     def cleanup(self):
         self._cancelProcess()
+        self.logic.releaseWorker()  # module exit: the warm worker's memory (and GPU memory) back
         if self._deviceProbe is not None:
             self._deviceProbe.cancel()
         self.removeObservers()
@@ -437,6 +439,12 @@ class CounterfactualVALogic(_LogicBase):
             ScriptedLoadableModuleLogic.__init__(self)
         #: the Python that runs the command line; None: PythonSlicer in Slicer, else this interpreter
         self.pythonExecutable: str | None = None
+        #: True: runs go to one warm worker process kept between runs (torch imported once, the model loaded
+        #: once per model file; see slicer_support.attribution_worker); False: a fresh command-line process per run
+        self.useWorker: bool = True
+        #: seconds without a run after which the worker exits by itself (its memory, GPU memory included, returned)
+        self.workerIdleTimeout: float = 600.0
+        self._worker: AttributionWorker | None = None
 
     def getParameterNode(self):
         if CounterfactualVAParameterNode is None:
@@ -456,6 +464,18 @@ class CounterfactualVALogic(_LogicBase):
         module's folder first on PYTHONPATH; no CUDA device when the CPU is asked for."""
         base = slicer.util.startupEnvironment() if HAVE_SLICER_APP and hasattr(slicer, "app") else None
         return processes.child_environment([MODULE_DIR], device, base)
+
+    def attributionWorker(self) -> AttributionWorker:
+        """The worker this logic's runs share (started on the first run, restarted after a Cancel)."""
+        if self._worker is None:
+            self._worker = AttributionWorker(self.pythonCommand(), self.childEnvironment("auto"), self.workerIdleTimeout)
+        return self._worker
+
+    def releaseWorker(self) -> None:
+        """End the warm worker (module exit, scene close): its memory and any GPU memory are returned."""
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
 
     def deviceProbe(self) -> DeviceProbe:
         """Asks the child's Python which device it will use (see slicer_support.device_probe)."""
@@ -583,10 +603,23 @@ class CounterfactualVALogic(_LogicBase):
                 "opacity": opacity, "createSegmentation": createSegmentation,
                 "transparentBelowThreshold": transparentBelowThreshold, "palette": palette,
             }
-            process = attribution.AttributionProcess(
-                self, inputVolumeNode, command, self.childEnvironment(device), tempDir, outDir, device, loadOptions,
-                progressCallback, logCallback, cpuFallback,
-            )
+            if self.useWorker:
+                # Outputs read back at once: uncompressed NRRD (compression would cost more than the whole run).
+                request = {
+                    "command": "attribute", "model": os.path.abspath(str(modelPath)), "input": inputPath, "out": outDir,
+                    "device": device, "threshold_rule": thresholdRule,
+                    "threshold_value": None if thresholdValue is None else float(thresholdValue),
+                    "method_options": dict(methodOptions or {}), "compress": False,
+                }
+                process = WorkerAttributionProcess(
+                    self, inputVolumeNode, self.attributionWorker(), request, tempDir, outDir, device, loadOptions,
+                    progressCallback, logCallback, cpuFallback,
+                )
+            else:
+                process = attribution.AttributionProcess(
+                    self, inputVolumeNode, command, self.childEnvironment(device), tempDir, outDir, device, loadOptions,
+                    progressCallback, logCallback, cpuFallback,
+                )
             process.start()
         except BaseException:
             shutil.rmtree(tempDir, ignore_errors=True)

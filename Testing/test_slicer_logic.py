@@ -686,11 +686,7 @@ def test_cancel_kills_the_process_and_creates_nothing(scene, tiny_model):
     count = node_count(scene)
     stages = []
     process = CounterfactualVALogic().run(node, tiny_model, device="cpu", waitForCompletion=False, progressCallback=lambda f, s: stages.append(s))
-    deadline = time.monotonic() + 60
-    while not any(s.startswith("Loading model") for s in stages) and time.monotonic() < deadline:
-        assert process.poll() is False
-        time.sleep(0.05)
-    assert process.running
+    assert process.poll() is False and process.running  # the worker is still importing torch
     process.cancel()
     assert not process.running
     assert process.poll() is True and process.result is None
@@ -698,13 +694,16 @@ def test_cancel_kills_the_process_and_creates_nothing(scene, tiny_model):
     assert not os.path.exists(process.tempDir)
 
 
-def test_cuda_request_without_a_gpu_falls_back_to_the_cpu(scene, tiny_model):
+@pytest.mark.parametrize("use_worker", [True, False], ids=["warm worker", "fresh process"])
+def test_cuda_request_without_a_gpu_falls_back_to_the_cpu(scene, tiny_model, use_worker):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is available here: nothing to fall back from")
     node = oblique_volume(scene)
     count, log = node_count(scene), []
-    process = CounterfactualVALogic().run(node, tiny_model, device="cuda", waitForCompletion=False, logCallback=log.append)
+    logic = CounterfactualVALogic()
+    logic.useWorker = use_worker
+    process = logic.run(node, tiny_model, device="cuda", waitForCompletion=False, logCallback=log.append)
     deadline = time.monotonic() + 90
     while not any("running on the CPU instead" in line for line in log):
         assert time.monotonic() < deadline, "\n".join(log)
@@ -712,10 +711,44 @@ def test_cuda_request_without_a_gpu_falls_back_to_the_cpu(scene, tiny_model):
         time.sleep(0.05)
     assert "CUDA was requested" in next(line for line in log if "running on the CPU instead" in line)
     assert process.device == "cpu" and process.running
-    assert process.command[process.command.index("--device") + 1] == "cpu"
-    assert process.env["CUDA_VISIBLE_DEVICES"] == "-1"
+    if use_worker:
+        assert process.request["device"] == "cpu"  # sent again to the same worker
+    else:
+        assert process.command[process.command.index("--device") + 1] == "cpu"
+        assert process.env["CUDA_VISIBLE_DEVICES"] == "-1"
     process.cancel()  # the CPU run itself is what the end-to-end test checks
     assert node_count(scene) == count and not os.path.exists(process.tempDir)
+    logic.releaseWorker()
+
+
+def test_runs_share_one_warm_worker_until_cancel_or_release(scene, tiny_model):
+    """Apply twice: one worker process answers both and loads the model once; Cancel ends it, the next run
+    starts a fresh one; releasing it (module exit) ends the process."""
+    node = oblique_volume(scene)
+    logic = CounterfactualVALogic()
+    first = logic.run(node, tiny_model, device="cpu", waitForCompletion=False)
+    first.wait(timeout=300)
+    pid = logic.attributionWorker().pid
+    second = logic.run(node, tiny_model, device="cpu", waitForCompletion=False, palette="purple-orange")
+    result = second.wait(timeout=300)
+    assert logic.attributionWorker().pid == pid
+    assert first.modelWasLoaded is True and second.modelWasLoaded is False
+    assert result.summary.timings_s["load_model"] == 0.0
+    assert_same_grid(result.attribution, node)
+    out_files = [p for p in os.listdir(tempfile.gettempdir()) if p.startswith("CounterfactualVA-")]
+    assert not any(os.path.exists(p.tempDir) for p in (first, second)), out_files
+
+    third = logic.run(node, tiny_model, device="cpu", waitForCompletion=False)
+    third.cancel()
+    assert not third.running and third.poll() is True and third.result is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # killed (and reaped: no zombie keeps the pid)
+    fourth = logic.run(node, tiny_model, device="cpu")  # blocking, in a fresh worker
+    new_pid = logic.attributionWorker().pid
+    assert new_pid != pid and fourth.attribution is not None
+    logic.releaseWorker()
+    with pytest.raises(ProcessLookupError):
+        os.kill(new_pid, 0)
 
 
 def test_self_test_end_to_end_under_slicer_core(tiny_model, monkeypatch):

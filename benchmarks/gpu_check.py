@@ -86,8 +86,8 @@ def training_steps(device, size: int, tiny: bool) -> list[list]:
 
     # --tiny: the narrowest sensible networks (the figures only prove that every step runs)
     tiny_configs = {
-        "vantgan": {"ngf": 4, "n_blocks": 1, "ndf": 4}, "antgan": {"ngf": 4, "n_blocks": 1, "ndf": 4},
-        "agcyclegan": {"ngf": 4, "n_blocks": 1, "ndf": 4},
+        "vantgan": {"ngf": 4, "n_blocks": 1, "ndf": 4, "n_layers_d": 1}, "antgan": {"ngf": 4, "n_blocks": 1, "ndf": 4, "n_layers_d": 1},
+        "agcyclegan": {"ngf": 4, "n_blocks": 1, "ndf": 4, "n_layers_d": 1},
     }
     rows = []
     with tempfile.TemporaryDirectory() as folder:

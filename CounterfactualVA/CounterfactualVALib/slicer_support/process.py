@@ -111,8 +111,11 @@ class ProcessRunner:
         on_progress: Callable[[float, str], None] | None = None,
         on_line: Callable[[str, str], None] | None = None,
         pipe_grace_s: float = 10.0,
+        stdin_pipe: bool = False,
     ):
         self.command = [str(part) for part in command]
+        #: keep the child's stdin open for :meth:`send` (a long-lived worker reading requests); else /dev/null
+        self.stdin_pipe = stdin_pipe
         self.env = env
         self.cwd = cwd
         self.on_progress = on_progress
@@ -142,7 +145,7 @@ class ProcessRunner:
         self._queue = queue.Queue()
         self._proc = subprocess.Popen(
             self.command, env=self.env, cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace", bufsize=1, **kwargs,
+            stdin=subprocess.PIPE if self.stdin_pipe else subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace", bufsize=1, **kwargs,
         )
         self._readers = [
             threading.Thread(target=self._read, args=(self._proc.stdout, "out"), daemon=True),
@@ -199,6 +202,16 @@ class ProcessRunner:
                 return None
             time.sleep(interval)
         return self.returncode
+
+    def send(self, line: str) -> None:
+        """Write one line to the child's stdin (``stdin_pipe=True``); OSError when the child has gone."""
+        if self._proc is None or self._proc.stdin is None:
+            raise RuntimeError("The process was not started with stdin_pipe=True.")
+        try:
+            self._proc.stdin.write(line.rstrip("\n") + "\n")
+            self._proc.stdin.flush()
+        except ValueError:  # closed by kill()
+            raise OSError("the process's input is closed") from None
 
     def request_stop(self) -> None:
         """Ask the process group to stop (SIGTERM; Windows has none: the group is ended). Returns at once."""
@@ -270,7 +283,9 @@ class ProcessRunner:
     def _close_pipes(self):
         if any(reader.is_alive() for reader in self._readers):
             return  # a grandchild still holds a pipe: closing it under a blocked reader would block this thread
-        for stream in (self._proc.stdout, self._proc.stderr):
+        for stream in (self._proc.stdin, self._proc.stdout, self._proc.stderr):
+            if stream is None:
+                continue
             try:
                 stream.close()
             except Exception:  # noqa: BLE001 - a reader thread may be closing it too
