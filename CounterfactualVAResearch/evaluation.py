@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from CounterfactualVALib.inference import select_device
+from CounterfactualVALib.devices import select_device
 from CounterfactualVALib.methods import load_method
 from CounterfactualVALib.metrics import map_scores
 from CounterfactualVALib.preprocessing import PreprocessingConfig, head_mask_on_grid

@@ -42,7 +42,7 @@ import torch
 
 from CounterfactualVALib.atomic import atomic_path
 from CounterfactualVALib.checkpoint import read_metadata, save_model
-from CounterfactualVALib.inference import select_device
+from CounterfactualVALib.devices import select_device
 from CounterfactualVALib.methods import create_method, load_method
 from CounterfactualVALib.preprocessing import PreprocessingConfig
 from CounterfactualVALib.run_files import CHECKPOINT_NAME, MODEL_NAME

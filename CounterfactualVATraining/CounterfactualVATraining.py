@@ -82,13 +82,12 @@ from CounterfactualVALib.slicer_support.training_data import (  # noqa: E402,F40
 )
 from CounterfactualVALib.slicer_support.training_process import CHECKPOINT_NAME, EXIT_STOPPED, MODEL_NAME  # noqa: E402,F401
 
-#: the method registry's names (CounterfactualVALib.methods; checked by Testing/test_slicer_training_logic.py),
-#: listed here so that the panel can offer them without importing torch
-METHODS = ("vantgan", "antgan", "vagan", "icam", "medxgan", "agcyclegan", "classifier")
-#: choices of `counterfactualva train` (checked against the command line by the tests)
-DEVICES = ("auto", "cpu", "cuda")
-CROPS = ("foreground", "image")
-INTENSITIES = ("percentile", "minmax", "none")
+from CounterfactualVALib.methods import available_methods  # noqa: E402  (the registry imports no torch)
+
+METHODS = tuple(available_methods())
+#: choices of `counterfactualva train`
+from CounterfactualVALib.devices import DEVICES  # noqa: E402
+from CounterfactualVALib.preprocessing import CROPS, INTENSITIES  # noqa: E402
 SPATIAL_DIMS = (3, 2)
 DATA_SOURCES = ("cohort CSV", "two folders")
 REQUEST_NAME = "CounterfactualVATraining.json"

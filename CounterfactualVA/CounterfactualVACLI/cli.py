@@ -173,7 +173,10 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from CounterfactualVALib.devices import DEVICES
     from CounterfactualVALib.methods import available_methods
+    from CounterfactualVALib.metrics import THRESHOLD_RULES
+    from CounterfactualVALib.preprocessing import CROPS, INTENSITIES
 
     methods = available_methods()
     parser = argparse.ArgumentParser(prog="counterfactualva", description=__doc__.splitlines()[0])
@@ -183,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model file (.safetensors) written by `counterfactualva train`")
     p.add_argument("--input", required=True, help="scan (NIfTI .nii/.nii.gz or NRRD .nrrd)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threshold-rule", default="paper", choices=["paper", "max-fraction", "percentile", "absolute"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--threshold-rule", default="paper", choices=tuple(THRESHOLD_RULES))
     p.add_argument("--threshold-value", type=float, default=None, help="fraction of max (paper: 0.5), percentile (99), or absolute value")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, e.g. samples=20 (repeatable)")
     p.add_argument("--format", default=None, choices=[".nii.gz", ".nii", ".nrrd"], help="output format (default: the input's)")
@@ -211,14 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, nargs="+", default=[64, 64, 64], help="model grid size (x y [z])")
     p.add_argument("--spacing", type=float, nargs="+", default=[3.0, 3.0, 3.0], help="model grid spacing in mm")
     p.add_argument("--orientation", default="RAS")
-    p.add_argument("--crop", default="foreground", choices=["foreground", "image"])
-    p.add_argument("--intensity", default="percentile", choices=["percentile", "minmax", "none"])
+    p.add_argument("--crop", default="foreground", choices=CROPS)
+    p.add_argument("--intensity", default="percentile", choices=INTENSITIES)
     p.add_argument("--config", action="append", metavar="KEY=VALUE", help="method hyper-parameter, e.g. ngf=32 (repeatable)")
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA (default: bf16 autocast)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--num-workers", type=int, default=0)
@@ -248,14 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge", default=None, help="independent classifier model file for counterfactual validity")
     p.add_argument("--limit", type=int, default=None, help="at most this many subjects per split")
     p.add_argument("--option", action="append", metavar="KEY=VALUE")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--out", default=None, help="write the results as JSON")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("protocol", help="run an evaluation protocol end to end: data, training, evaluation, table, figure")
     p.add_argument("config", help="protocol file (JSON), e.g. benchmarks/protocols/vantgan_table1.json")
     p.add_argument("--out", default=None, help="run folder (default: runs/<protocol file name>); finished stages are reused")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--jobs", type=int, default=1, help="train this many models side by side (e.g. 2 on two CPU cores, one torch thread each)")
     p.set_defaults(func=cmd_protocol)
 

@@ -33,6 +33,7 @@ import SimpleITK as sitk
 
 from . import __version__
 from .checkpoint import ModelMetadata
+from .devices import select_device
 from .imageio import InputError, image_extension, image_from_array, read_image, validate_image, write_image
 from .method_options import check_values, option_specs_from_metadata
 from .methods import load_method
@@ -50,22 +51,6 @@ ProgressCallback = Callable[[float, str], None]
 #: the stages :func:`run_attribution` times, in order (``RunSummary.timings_s``; "write" covers the volumes
 #: and the figure, made concurrently, each timed in ``RunSummary.write_s``)
 STAGES = ("load_model", "read", "validate", "preprocess", "attribute", "postprocess", "write")
-
-
-def select_device(requested: str = "auto"):
-    import torch
-
-    if requested not in ("auto", "cpu", "cuda"):
-        raise InputError(f"Unknown device {requested!r}: use auto, cpu or cuda.")
-    if requested == "cpu":
-        return torch.device("cpu"), "CPU (as requested)"
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-        memory = torch.cuda.get_device_properties(0).total_memory / 2**30
-        return torch.device("cuda"), f"CUDA: {name} ({memory:.0f} GiB)"
-    if requested == "cuda":
-        raise InputError("CUDA was requested but no CUDA GPU is available to PyTorch here. Use --device cpu (or auto).")
-    return torch.device("cpu"), "CPU (no CUDA GPU found)"
 
 
 # --- stage: load the model -------------------------------------------------------------------------

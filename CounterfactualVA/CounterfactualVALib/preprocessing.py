@@ -19,6 +19,11 @@ from .imageio import InputError, validate_image
 ORIENTATIONS_3D = ("RAS", "LPS", "LAS", "RPS", "LPI", "RAI")
 
 
+#: how the model grid is placed, and how intensities are mapped to [-1, 1] (see PreprocessingConfig)
+CROPS = ("foreground", "image")
+INTENSITIES = ("percentile", "minmax", "none")
+
+
 @dataclass
 class PreprocessingConfig:
     """How a model must be fed; stored in every model file.
@@ -49,9 +54,9 @@ class PreprocessingConfig:
             raise ValueError(f"size {self.size} and spacing {self.spacing} must have {self.spatial_dims} entries")
         if self.spatial_dims == 3 and self.orientation not in ORIENTATIONS_3D:
             raise ValueError(f"orientation must be one of {ORIENTATIONS_3D}, got {self.orientation!r}")
-        if self.crop not in ("foreground", "image"):
+        if self.crop not in CROPS:
             raise ValueError(f"crop must be 'foreground' or 'image', got {self.crop!r}")
-        if self.intensity not in ("percentile", "minmax", "none"):
+        if self.intensity not in INTENSITIES:
             raise ValueError(f"intensity must be 'percentile', 'minmax' or 'none', got {self.intensity!r}")
 
     def to_dict(self) -> dict:
@@ -64,6 +69,11 @@ class PreprocessingConfig:
         if unknown:
             raise ValueError(f"unknown preprocessing keys {sorted(unknown)}: the model file is from a newer version")
         return cls(**data)
+
+
+#: how the model grid is placed, and how intensities are mapped to [-1, 1] (see PreprocessingConfig)
+CROPS = ("foreground", "image")
+INTENSITIES = ("percentile", "minmax", "none")
 
 
 @dataclass

@@ -11,13 +11,12 @@ import shlex
 import shutil
 import time
 
-from .. import slicer_nodes
+from .. import metrics, slicer_nodes
+from ..devices import DEVICES
 from .process import ProcessRunner, cpu_fallback, looks_like_gpu_problem
 from .settings import path_text
 
-DEVICES = ("auto", "cpu", "cuda")
-#: must match `counterfactualva attribute --threshold-rule` (checked by Testing/test_slicer_logic.py)
-THRESHOLD_RULES = ("paper", "max-fraction", "percentile", "absolute")
+THRESHOLD_RULES = tuple(metrics.THRESHOLD_RULES)
 
 
 def validate(inputVolumeNode, modelPath, device="auto", thresholdRule="paper", thresholdValue=None) -> None:
