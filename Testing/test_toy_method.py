@@ -81,7 +81,7 @@ def test_toy_method_trains_attributes_and_fills_the_option_form(toy_registered, 
     maps = {}
     for gain in (1.0, 2.0):
         summary = run_attribution(model, scan, tmp_path / f"gain{gain}", method_options={"gain": gain}, figure=False)
-        maps[gain] = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"gain{gain}" / summary["outputs"]["attribution"])))
+        maps[gain] = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"gain{gain}" / summary.outputs.attribution)))
     assert np.abs(maps[1.0]).max() > 0
     np.testing.assert_allclose(maps[2.0], 2 * maps[1.0], rtol=1e-4, atol=1e-6)  # the option reached the method
     with pytest.raises(ValueError, match=r"toyshift: gain must be between 0 and 4"):
