@@ -26,7 +26,15 @@ def test_antgan_step_trains_all_four_networks_and_map_is_translation_minus_input
     assert result.counterfactual.abs().max() <= 1.0  # A2N ends in tanh: a valid image
 
 
-def test_antgan_3d_inference_shapes():
+def test_antgan_3d_counterfactual_is_the_translation_and_the_map_its_difference():
+    torch.manual_seed(0)
     method = create_method("antgan", 3, tiny_method_config()).eval()
-    result = method.attribute(torch.rand(1, 1, 16, 16, 16) * 2 - 1)
-    assert result.attribution.shape == (1, 1, 16, 16, 16)
+    x = torch.rand(1, 1, 16, 16, 16) * 2 - 1
+    result = method.attribute(x)
+    assert result.attribution.shape == result.counterfactual.shape == (1, 1, 16, 16, 16)
+    with torch.no_grad():
+        translated = method.networks["a2n"](x)
+    torch.testing.assert_close(result.counterfactual, translated, rtol=0, atol=0)  # ANT-GAN: the A2N output itself
+    torch.testing.assert_close(result.attribution, result.counterfactual - x)  # the map: counterfactual minus input
+    assert result.counterfactual.abs().max() <= 1.0 and result.attribution.abs().max() > 0  # tanh range; not a zero map
+    assert result.attribution.abs().max() <= 2.0

@@ -231,4 +231,16 @@ def test_lig_ig_ratio_compares_attributed_voxels_on_the_same_classifier():
     method = _inference_method((32, 32), seed=2)
     images = [torch.rand(1, 1, 32, 32) * 2 - 1 for _ in range(2)]
     result = lig_ig_ratio(method, images, inversion_steps=20, ig_steps=8)
-    assert result["images"] == 2 and 0 < result["ratio_mean"] < 2 and np.isfinite(result["ratio_std"])
+    # the same quantities computed image by image: attributed fraction of latent IG over that of pixel IG
+    from CounterfactualVALib.methods.classifier import integrated_gradients
+    from CounterfactualVAResearch.evaluation import attributed_fraction
+
+    x = torch.cat(images)
+    z1, z2, _ = method.invert(x, steps=20)
+    lig = method.latent_integrated_gradients(z1, z2, method.attribute_options["ig_steps"]).detach().numpy()
+    with torch.enable_grad():
+        ig = integrated_gradients(method.networks["classifier"].net, x, 1, 8, -1.0).detach().numpy()
+    ratios = [attributed_fraction(a) / attributed_fraction(b) for a, b in zip(lig, ig)]
+    assert result["images"] == 2 and ratios[0] != ratios[1]
+    assert result["ratio_mean"] == pytest.approx(np.mean(ratios), rel=1e-6)
+    assert result["ratio_std"] == pytest.approx(np.std(ratios), rel=1e-6, abs=1e-9)

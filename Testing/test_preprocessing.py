@@ -95,8 +95,11 @@ def test_nan_voxels_are_reported_with_a_fix():
 
 def test_single_slice_volume_feeds_a_2d_model():
     config = PreprocessingConfig(spatial_dims=2, size=(16, 16), spacing=(1.0, 1.0), crop="image", intensity="minmax")
-    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(1, 16, 16)).astype(np.float32))
+    values = np.random.default_rng(0).normal(size=(1, 16, 16)).astype(np.float32)
+    image = sitk.GetImageFromArray(values)
     array, _ = preprocess(image, config)
-    assert array.shape == (16, 16)
+    # the slice on the model's own grid: the voxels unchanged but for the min-max mapping to [-1, 1]
+    expected = 2 * (values[0] - values.min()) / (values.max() - values.min()) - 1
+    np.testing.assert_allclose(array, expected, atol=1e-5)
     with pytest.raises(InputError, match="model is 2D but the input is a 3D volume"):
         preprocess(sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(4, 16, 16)).astype(np.float32)), config)

@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("protocol", help="run an evaluation protocol end to end: data, training, evaluation, table, figure")
-    p.add_argument("config", help="protocol file (JSON), e.g. benchmarks/protocols/vantgan_table1.json")
+    p.add_argument("config", help="protocol file (JSON), e.g. benchmarks/protocols/synthetic_reduced.json")
     p.add_argument("--out", default=None, help="run folder (default: runs/<protocol file name>); finished stages are reused")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--jobs", type=int, default=1, help="train this many models side by side (e.g. 2 on two CPU cores, one torch thread each)")
