@@ -138,13 +138,16 @@ def report_command(name: str, input_path: Path, result: dict) -> dict:
     median = statistics.median
     stages = list(runs[0]["timings"])
     in_process = [r["timings"]["total"] for r in runs]
+    # the target's span: from reading the input to the last file written (the model load is its own stage)
+    read_to_written = [r["timings"]["total"] - r["timings"].get("load_model", 0.0) for r in runs]
     outside = [r["wall"] - r["timings"]["total"] for r in runs]
     floor = median(f["total"] for f in floors)
     rows = [["process start, imports and exit (wall minus the stages below)", f"{median(outside):.3f}", ""]]
     for stage in stages:
         if stage != "total":
             rows.append([stage, f"{median(r['timings'][stage] for r in runs):.3f}", ""])
-    rows.append(["in-process total (read .. last file written)", f"{median(in_process):.3f}", f"{median(in_process) / floor:.2f}x floor"])
+    rows.append(["in-process, read .. last file written (model load excluded)", f"{median(read_to_written):.3f}", f"{median(read_to_written) / floor:.2f}x floor"])
+    rows.append(["in-process total (model load included)", f"{median(in_process):.3f}", f"{median(in_process) / floor:.2f}x floor"])
     rows.append(["what the user waits for (launch to exit)", f"{median(r['wall'] for r in runs):.3f}", f"{median(r['wall'] for r in runs) / floor:.2f}x floor"])
     rows.append(["floor: SimpleITK read input", f"{median(f['read'] for f in floors):.3f}", ""])
     rows.append(["floor: SimpleITK write the run's volumes", f"{median(f['write'] for f in floors):.3f}", ""])
@@ -153,8 +156,8 @@ def report_command(name: str, input_path: Path, result: dict) -> dict:
     size = "x".join(map(str, sitk.ReadImage(str(input_path)).GetSize()))
     table(f"{name} ({size}, {input_path.name}): `attribute` in a fresh process, median of {len(runs)} (seconds)", ["stage", "s", "ratio"], rows)
     return {
-        "in_process_s": median(in_process), "wall_s": median(r["wall"] for r in runs), "floor_s": floor,
-        "in_process_ratio": median(in_process) / floor, "end_to_end_ratio": median(r["wall"] for r in runs) / floor,
+        "in_process_s": median(read_to_written), "in_process_with_load_s": median(in_process), "wall_s": median(r["wall"] for r in runs), "floor_s": floor,
+        "in_process_ratio": median(read_to_written) / floor, "end_to_end_ratio": median(r["wall"] for r in runs) / floor,
         "peak_mb": max(r["peak_mb"] for r in runs), "stages": {s: median(r["timings"][s] for r in runs) for s in stages},
     }
 
@@ -318,7 +321,7 @@ def main() -> int:
     table(
         f"Summary (seconds; targets: in-process <= {TARGETS['in_process_ratio']}x floor, per command <= {TARGETS['end_to_end_ratio']}x floor and "
         f"< {TARGETS['end_to_end_s']:.0f} s, peak < {TARGETS['peak_mb']} MB, warm request < {TARGETS['warm_s']:.0f} s)",
-        ["input", "in-process (x floor)", "per command, user waits (x floor)", "floor", "peak MB", "warm request", "Slicer adds"], rows,
+        ["input", "in-process read..last file (x floor)", "per command, user waits (x floor)", "floor", "peak MB", "warm request", "Slicer adds"], rows,
     )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2, default=str))
