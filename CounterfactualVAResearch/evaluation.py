@@ -34,7 +34,7 @@ from CounterfactualVALib.methods import load_method
 from CounterfactualVALib.metrics import map_scores
 from CounterfactualVALib.preprocessing import PreprocessingConfig, head_mask_on_grid
 from CounterfactualVALib.transforms import LoadPreprocessd
-from CounterfactualVATrainingLib.cohort import read_cohort_csv
+from CounterfactualVALib.cohort import read_cohort_csv
 
 FRACTIONS = tuple(np.round(np.arange(0.05, 1.0, 0.05), 2))
 #: |attribution| above this fraction of the map's maximum counts as "attributed" (LIG/IG ratio)

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from CounterfactualVAResearch.data import generate_phantom_cohort, generate_synthetic
-from CounterfactualVATrainingLib.cohort import read_cohort_csv, stratified_split, write_image
+from CounterfactualVALib.cohort import read_cohort_csv, stratified_split, write_image
 from CounterfactualVAResearch.data.phantom import REGIONS
 from CounterfactualVAResearch.data.synthetic import make_synthetic_batch, synthetic_layout
 

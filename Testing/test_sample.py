@@ -8,7 +8,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from CounterfactualVALib.checkpoint import read_metadata, save_model
-from CounterfactualVATrainingLib.cohort import read_cohort_csv
+from CounterfactualVALib.cohort import read_cohort_csv
 from CounterfactualVAResearch.data.phantom import generate_phantom_cohort
 from CounterfactualVALib.inference import run_attribution
 from CounterfactualVALib.methods import create_method

@@ -69,13 +69,13 @@ def model_registry(tmp_path, monkeypatch):
 
 
 def cohort_rows(csv_path):
-    from CounterfactualVATrainingLib.cohort import read_cohort_csv
+    from CounterfactualVALib.cohort import read_cohort_csv
 
     return read_cohort_csv(csv_path)
 
 
 def write_csv(path, rows):
-    from CounterfactualVATrainingLib.cohort import write_cohort_csv
+    from CounterfactualVALib.cohort import write_cohort_csv
 
     return write_cohort_csv(path, rows)
 

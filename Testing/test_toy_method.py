@@ -64,7 +64,7 @@ def test_toy_method_trains_attributes_and_fills_the_option_form(toy_registered, 
     from CounterfactualVALib.checkpoint import read_metadata
     from CounterfactualVALib.inference import run_attribution
     from CounterfactualVALib.method_options import option_specs_for_model
-    from CounterfactualVATrainingLib.cohort import read_cohort_csv
+    from CounterfactualVALib.cohort import read_cohort_csv
     from CounterfactualVATrainingLib.loop import TrainingConfig, train
 
     model = train(TrainingConfig(

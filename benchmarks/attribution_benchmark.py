@@ -257,7 +257,7 @@ def sample_accuracy(subjects: int) -> None:
     from CounterfactualVALib.metrics import dice, iou, ncc
 
     from CounterfactualVAResearch.data.phantom import generate_phantom_cohort
-    from CounterfactualVATrainingLib.cohort import read_cohort_csv
+    from CounterfactualVALib.cohort import read_cohort_csv
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -49,7 +49,7 @@ import SimpleITK as sitk
 from scipy.ndimage import distance_transform_edt, map_coordinates
 from scipy.spatial.transform import Rotation
 
-from CounterfactualVATrainingLib.cohort import stratified_split, write_cohort_csv, write_image
+from CounterfactualVALib.cohort import stratified_split, write_cohort_csv, write_image
 
 TEMPLATE_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",

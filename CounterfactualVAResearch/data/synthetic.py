@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from CounterfactualVATrainingLib.cohort import stratified_split, write_cohort_csv, write_image
+from CounterfactualVALib.cohort import stratified_split, write_cohort_csv, write_image
 
 BACKGROUND_STD = 50.0
 EFFECT_INTENSITY = 100.0

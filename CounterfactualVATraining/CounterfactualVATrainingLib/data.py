@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from CounterfactualVALib.cohort import read_cohort_csv, stratified_split
 from CounterfactualVALib.networks.position import grid_coordinates
 from CounterfactualVALib.preprocessing import PreprocessingConfig
 from CounterfactualVALib.transforms import LoadPreprocessd
-
-from .cohort import read_cohort_csv, stratified_split
 
 
 @dataclass

@@ -76,7 +76,7 @@ def make_tiny_cohort(folder, n: int = 24, size: int = 32, seed: int = 0) -> str:
 
     import numpy as np
     import SimpleITK as sitk
-    from CounterfactualVATrainingLib.cohort import write_cohort_csv
+    from ..cohort import write_cohort_csv
 
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)

@@ -78,7 +78,7 @@ class DatasetPreviewMixin:
         column, or the split training will make), "splitSource": "csv" | "automatic", "problems": [messages
         that say what to do], "unreadable": [paths], "csv": the cohort CSV path or None}.
         """
-        from CounterfactualVATrainingLib.cohort import read_cohort_csv, stratified_split, write_cohort_csv
+        from ..cohort import read_cohort_csv, stratified_split, write_cohort_csv
         from CounterfactualVALib.imageio import InputError
 
         preview = {"counts": {"normal": 0, "abnormal": 0}, "splits": {}, "splitSource": None, "problems": [], "unreadable": [], "csv": None}

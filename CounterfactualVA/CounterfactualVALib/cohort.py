@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from CounterfactualVALib import imageio
-from CounterfactualVALib.atomic import atomic_path
-from CounterfactualVALib.imageio import InputError
+from . import imageio
+from .atomic import atomic_path
+from .imageio import InputError
 
 CSV_COLUMNS = ("path", "label", "mask", "subtype", "split")
 REQUIRED_COLUMNS = ("path", "label")
