@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 from CounterfactualVALib.methods import TrainingContext, create_method
 from CounterfactualVALib.methods.icam import select_codes
-from CounterfactualVALib.networks.icam_networks import AttributeEncoder, Generator
+from CounterfactualVALib.networks.icam import AttributeEncoder, Generator
 from scipy.ndimage import gaussian_filter
 
 # tiny widths; the default depth (attribute latent at grid / 16: 2 x 2 for a 32 x 32 image)

@@ -12,7 +12,7 @@ import torch
 
 from CounterfactualVALib.methods import TrainingContext, create_method
 from CounterfactualVALib.methods.vagan import critic_gradient_norm, gradient_penalty
-from CounterfactualVALib.networks.vagan_networks import C3DCritic, MapUNet
+from CounterfactualVALib.networks.vagan import C3DCritic, MapUNet
 
 TINY = {
     "channels": [4, 8, 16],

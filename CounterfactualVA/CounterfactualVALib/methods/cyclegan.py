@@ -6,7 +6,7 @@ cycle L1 weight 10 per direction, identity 0.5 x cycle, discriminator loss halve
 Adam 2e-4 (beta1 0.5) constant then linearly to zero over the second half, N(0, 0.02) init.
 
 `generator="unet"` swaps the papers' ResNet generators for light U-Nets built from MONAI blocks
-(:class:`~CounterfactualVALib.networks.vagan_networks.MapUNet`) that predict a *change*: the map generator
+(:class:`~CounterfactualVALib.networks.vagan.MapUNet`) that predict a *change*: the map generator
 outputs the map, image generators output ``x + change``. Their last layer starts near zero, so training
 starts at the identity (cycle and identity losses at their minimum, the map at zero) and the discriminators
 decide what changes. Without normalisation layers they behave the same on a training patch and on the whole
@@ -23,7 +23,7 @@ from torch import nn
 
 from ..networks import ImagePool, PatchGANDiscriminator, ResNetGenerator, init_normal_weights, linear_decay_schedule
 from ..networks.position import with_position
-from ..networks.vagan_networks import MapUNet
+from ..networks.vagan import MapUNet
 from .base import AttributionResult, Method, TrainingContext
 from .losses import AdversarialLoss
 

@@ -5,7 +5,7 @@ A VAE-GAN translates between the classes through two latent spaces: a class-irre
 (shared by both classes; a content discriminator D_c tries to tell the class from it, E_c is pushed to make it
 undecidable) and a class-relevant spatial *attribute* code z_a ~ N(mu, sigma^2), (mu, log sigma^2) = E_a(x), with a
 linear classifier on it. The generator G(z_c, z_a) reconstructs an image when both codes come from it and
-translates it when the attribute code comes from the other class. Networks: :mod:`..networks.icam_networks`.
+translates it when the attribute code comes from the other class. Networks: :mod:`..networks.icam`.
 
 Training step (one normal image x, label 0, and one abnormal image y, label 1, per step by default):
 
@@ -62,7 +62,7 @@ from torch import nn
 
 from ..method_options import OptionSpec
 from ..networks import init_normal_weights, linear_decay_schedule
-from ..networks.icam_networks import (
+from ..networks.icam import (
     AttributeEncoder,
     ContentDiscriminator,
     ContentEncoder,

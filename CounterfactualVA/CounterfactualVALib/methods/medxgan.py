@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ..method_options import OptionSpec
 from ..networks import init_normal_weights
-from ..networks.medxgan_networks import FrozenNetwork, MedXGenerator, medxgan_discriminator
+from ..networks.medxgan import FrozenNetwork, MedXGenerator, medxgan_discriminator
 from .base import AttributionResult, Method, TrainingContext
 from .classifier import ClassifierBaseline
 from .losses import AdversarialLoss

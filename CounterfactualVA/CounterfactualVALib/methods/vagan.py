@@ -37,7 +37,7 @@ import math
 import torch
 from torch import nn
 
-from ..networks.vagan_networks import C3DCritic, MapUNet
+from ..networks.vagan import C3DCritic, MapUNet
 from .base import AttributionResult, Method, TrainingContext
 
 
