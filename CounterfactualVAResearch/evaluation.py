@@ -59,9 +59,20 @@ def abnormal_with_truth(records, split: str):
 
 
 def load_split(data_csv, config: PreprocessingConfig, split: str, limit: int | None = None):
-    items = load_items(abnormal_with_truth(read_cohort_csv(data_csv), split), config, limit)
+    records = read_cohort_csv(data_csv)
+    if not any(r.get("split") for r in records):
+        # training makes its own train/val split when the column is absent; evaluation needs a held-out one
+        raise ValueError(
+            f"{data_csv} has no 'split' column (or it is empty on every row), so there is no held-out {split!r} split to evaluate on"
+            " — add a split column with train, val or test on each row (`counterfactualva generate` writes one), and train on "
+            "the same CSV so that the test subjects are never seen in training."
+        )
+    items = load_items(abnormal_with_truth(records, split), config, limit)
     if not items and split != "val":
-        raise ValueError(f"{data_csv} has no abnormal subjects with a ground-truth mask in split {split!r}; nothing to evaluate.")
+        raise ValueError(
+            f"{data_csv} has no abnormal subjects (label 1) with a ground-truth mask in split {split!r}, nothing to evaluate"
+            f" — give some rows split={split!r}, label 1 and a mask file, or choose another split with --split."
+        )
     return items
 
 

@@ -24,7 +24,10 @@ def run_cli(*args):
 @pytest.fixture(scope="module")
 def random_3d_model(tmp_path_factory):
     """An untrained 3D VANT-GAN in a valid model file: enough to test geometry and I/O."""
+    import torch
+
     path = tmp_path_factory.mktemp("model3d") / "vantgan3d.safetensors"
+    torch.manual_seed(0)  # fixed weights: the test's numbers do not change from run to run
     method = create_method("vantgan", 3, tiny_method_config())
     pre = PreprocessingConfig(spatial_dims=3, size=(32, 32, 32), spacing=(2.0, 2.0, 2.0))
     meta = ModelMetadata(method="vantgan", method_config=method.config, preprocessing=pre.to_dict(), networks=["a2m"], outputs=list(method.outputs))

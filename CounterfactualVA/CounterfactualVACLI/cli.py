@@ -1,17 +1,27 @@
 """`counterfactualva` command line: attribute, train, generate, evaluate, protocol, methods, info.
 
 The Slicer module runs `python -m CounterfactualVACLI attribute ... --progress` in a subprocess and
-reads `PROGRESS <fraction> <stage>` lines from stdout; a failure ends with exit code 2 (bad input) or 1
-(unexpected) and a last stderr line `ERROR: <what is wrong and what to do>`.
+reads `PROGRESS <fraction> <stage>` lines from stdout. Every failure, bad input or bug alike, ends with
+exit code 2 and one last stderr line `ERROR: <what> — <fix>` (:func:`main` is the one error boundary); the
+traceback goes to `counterfactualva-error.log` in the output folder (and to the terminal with --debug).
+Ctrl-C ends with exit code 130, and a training run stopped by a signal with exit code 3.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import shlex
 import sys
+import tempfile
+import traceback
 from pathlib import Path
+
+ERROR_LOG_NAME = "counterfactualva-error.log"
+EXIT_FAILURE = 2
+EXIT_INTERRUPTED = 130
 
 
 def _progress_printer(enabled: bool):
@@ -40,6 +50,9 @@ def _key_values(pairs: list[str] | None) -> dict:
 
 def cmd_attribute(args) -> int:
     from CounterfactualVALib.inference import run_attribution
+    from CounterfactualVALib.metrics import check_threshold
+
+    check_threshold(args.threshold_rule, args.threshold_value)  # before the model and the scan are read
 
     summary = run_attribution(
         args.model,
@@ -172,6 +185,17 @@ def cmd_info(args) -> int:
     return 0
 
 
+class UsageError(ValueError):
+    """A command line argparse refuses (unknown option, bad choice, missing argument)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors raised to :func:`main`'s boundary instead of exiting from inside parsing."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message} — see `{self.prog} --help` for the accepted arguments.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from CounterfactualVALib.devices import DEVICES
     from CounterfactualVALib.methods import available_methods
@@ -179,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     from CounterfactualVALib.preprocessing import CROPS, INTENSITIES
 
     methods = available_methods()
-    parser = argparse.ArgumentParser(prog="counterfactualva", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="counterfactualva", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="print the traceback of a failure on the terminal too (accepted anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("attribute", help="explain a scan: counterfactual, signed map, mask, figure, summary")
@@ -273,17 +298,109 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line's one error boundary: a failure of any kind ends with exit code 2 and a last line
+    `ERROR: <what> — <fix>` on stderr, its traceback in the output folder's error log (and on the terminal
+    with --debug), never a bare traceback as the last line (the Slicer module shows that line)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("COUNTERFACTUALVA_DEBUG"))
+    argv = [a for a in argv if a != "--debug"]
+    args = None
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except KeyboardInterrupt as exc:
+        _finish_with_error(args, argv, exc, debug, "interrupted (Ctrl-C) — run the command again (a training run continues with --resume).")
+        return EXIT_INTERRUPTED
+    except SystemExit as exc:  # --help, or a library calling sys.exit
+        if exc.code in (0, None):
+            raise
+        _finish_with_error(args, argv, exc, debug, f"stopped with exit status {exc.code!r} — see the messages above.")
+        return EXIT_FAILURE
+    except BaseException as exc:  # noqa: BLE001 - the boundary: nothing may escape as a traceback
+        _finish_with_error(args, argv, exc, debug)
+        return EXIT_FAILURE
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """Bad input, refused arguments and the environment (disk, permissions): not bugs."""
     from CounterfactualVALib.imageio import InputError
 
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (InputError, ValueError, FileNotFoundError) as exc:
-        print(f"ERROR: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("ERROR: interrupted", file=sys.stderr, flush=True)
-        return 130
+    return isinstance(exc, (InputError, UsageError, ValueError, OSError, KeyboardInterrupt, SystemExit))
+
+
+def error_message(exc: BaseException, args=None, log_path=None) -> str:
+    """`<what> — <fix>` for any exception, on one line."""
+    from CounterfactualVALib.imageio import InputError
+
+    text = " ".join(str(exc).split())
+    system_error = isinstance(exc, OSError) and exc.errno is not None  # raised by the OS, not by our checks
+    if not system_error and (isinstance(exc, (InputError, UsageError)) or (isinstance(exc, (ValueError, OSError)) and text)):
+        if " — " in text:
+            return text
+        what, sep, fix = text.partition(". ")
+        if sep and fix:
+            return f"{what} — {fix}"
+        return f"{text.rstrip('.')} — check the command's arguments (`counterfactualva {getattr(args, 'command', '') or ''} --help`)."
+    if isinstance(exc, MemoryError) or "out of memory" in text.lower():
+        return (
+            f"out of memory ({type(exc).__name__}: {text[:200]}) — use --device cpu for GPU memory, a smaller grid or batch, "
+            "or close other programs."
+        )
+    if system_error:
+        where = exc.filename or getattr(args, "out", None) or "the file"
+        reason = exc.strerror or text
+        fixes = {
+            errno.ENOSPC: "free some disk space or choose another --out.",
+            errno.EACCES: "choose a folder you can write to, or fix its permissions.",
+            errno.EROFS: "choose a writable folder for --out.",
+            errno.EEXIST: "choose another --out, or remove that file.",
+            errno.ENOTDIR: "--out must name a folder (or a path that does not exist yet), not a file.",
+            errno.EISDIR: "pass a file, not a folder.",
+        }
+        return f"{reason}: {where} — {fixes.get(exc.errno, 'check the path and that the disk is healthy, then run again.')}"
+    return (
+        f"internal error in CounterfactualVA ({type(exc).__name__}: {text[:300] or 'no message'}) — this is a bug: "
+        f"please report it with the traceback in {log_path or 'the error log'} (rerun with --debug to print it here)."
+    )
+
+
+def _error_log_path(args, create: bool) -> Path | None:
+    """`<out>/counterfactualva-error.log` when the command has an output folder; the folder is created only
+    for an unexpected error (a refused input leaves no folder behind)."""
+    out = getattr(args, "out", None)
+    if not out:
+        return None
+    folder = Path(out)
+    if getattr(args, "command", None) == "evaluate":  # its --out is a JSON file
+        folder = folder.parent
+    if not folder.is_dir():
+        if not create or folder.exists():
+            return None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return None
+    return folder / ERROR_LOG_NAME
+
+
+def _finish_with_error(args, argv: list[str], exc: BaseException, debug: bool, message: str | None = None) -> None:
+    """Log the traceback, then print the one ERROR line (last, after everything else was flushed)."""
+    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    unexpected = not _is_user_error(exc)
+    path = _error_log_path(args, create=unexpected) if args is not None else None
+    if path is None and unexpected:
+        path = Path(tempfile.gettempdir()) / f"counterfactualva-error-{os.getpid()}.log"
+    message = " ".join((message or error_message(exc, args, path)).split())
+    if path is not None:
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(f"$ counterfactualva {shlex.join(argv)}\n{trace}\nERROR: {message}\n\n")
+        except OSError:
+            path = None
+    sys.stdout.flush()
+    if debug:
+        print(trace, file=sys.stderr, end="")
+    print(f"ERROR: {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

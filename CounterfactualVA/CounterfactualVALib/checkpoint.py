@@ -1,8 +1,14 @@
 """The model file: safetensors weights (no pickle) with JSON metadata in the safetensors header.
 
-Model files are data from strangers. Loading reads and checks the metadata before any tensor is touched,
-refuses pickled PyTorch files outright, and verifies a SHA-256 of the weights so that a corrupted or
-edited file is reported instead of silently producing wrong maps.
+Model files are data from strangers. Loading reads and checks the metadata before any tensor is touched
+(every value with its reason and fix), refuses pickled PyTorch files outright, and verifies one required
+SHA-256 over the metadata text and the weights together, so that a corrupted or edited file (weights,
+grid, percentiles or classes alike) is reported instead of silently producing wrong maps.
+
+Format 2 (this version) stores the checksum beside the metadata in the header under ``counterfactualva_sha256``.
+Format 1 files (an older release: a weights-only checksum that an empty string switched off) are refused
+with the upgrade command: ``python -m CounterfactualVALib.checkpoint upgrade FILE`` verifies their weights
+checksum and re-stamps the header in place, weights byte for byte unchanged.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import hashlib
 import json
 import os
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +28,11 @@ from .atomic import atomic_path
 from .imageio import InputError
 
 FORMAT_NAME = "counterfactualva-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA_KEY = "counterfactualva"
+CHECKSUM_KEY = "counterfactualva_sha256"
 REQUIRED_KEYS = ("format", "format_version", "method", "method_config", "preprocessing", "classes", "normal_class", "networks")
+UPGRADE_COMMAND = "python -m CounterfactualVALib.checkpoint upgrade"
 
 
 class ModelFileError(InputError):
@@ -48,7 +57,6 @@ class ModelMetadata:
     package_version: str = __version__
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
-    weights_sha256: str = ""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -74,12 +82,18 @@ def weights_digest(tensors: dict) -> str:
     return digest.hexdigest()
 
 
-def save_model(path: str | os.PathLike, tensors: dict, metadata: ModelMetadata) -> Path:
-    """Write the model file atomically (temporary file + rename)."""
-    from safetensors.torch import save_file
+def model_checksum(metadata_text: str, tensors: dict) -> str:
+    """SHA-256 over the metadata exactly as stored (its JSON text) and the weights (:func:`weights_digest`)."""
+    digest = hashlib.sha256(b"counterfactualva-model-checksum-v2\n")
+    digest.update(metadata_text.encode("utf-8"))
+    digest.update(b"\n")
+    digest.update(weights_digest(tensors).encode("ascii"))
+    return digest.hexdigest()
 
+
+def save_model(path: str | os.PathLike, tensors: dict, metadata: ModelMetadata) -> Path:
+    """Write the model file atomically (temporary file + rename), with the checksum over metadata + weights."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}
     if metadata.attribute_options is None or metadata.config_schema is None:
         from .methods import get_method_class
@@ -89,8 +103,15 @@ def save_model(path: str | os.PathLike, tensors: dict, metadata: ModelMetadata) 
             metadata.attribute_options = [spec.to_dict() for spec in cls.options]
         if metadata.config_schema is None:
             metadata.config_schema = [spec.to_dict() for spec in cls.config_schema]
-    metadata.weights_sha256 = weights_digest(tensors)
-    header = {METADATA_KEY: json.dumps(metadata.to_dict(), sort_keys=True)}
+    metadata.format, metadata.format_version = FORMAT_NAME, FORMAT_VERSION
+    return _write_model_file(path, tensors, json.dumps(metadata.to_dict(), sort_keys=True))
+
+
+def _write_model_file(path: Path, tensors: dict, metadata_text: str) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {METADATA_KEY: metadata_text, CHECKSUM_KEY: model_checksum(metadata_text, tensors)}
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(tensors, tmp, metadata=header)
     return path
@@ -115,86 +136,150 @@ def _check_container(path: Path) -> None:
     )
 
 
-def read_metadata(path: str | os.PathLike) -> ModelMetadata:
-    """Read and check the metadata only; no tensor is read."""
+def _read_header(path: Path) -> dict:
+    """The safetensors header's string metadata, after the container checks."""
     from safetensors import safe_open
 
-    path = Path(path)
     if not path.is_file():
-        raise ModelFileError(f"Model file not found: {path}. Pass the path of a .safetensors model file.")
+        raise ModelFileError(f"Model file not found: {path}", "pass the path of a .safetensors model file.")
     _check_container(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
+            return f.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types for broken headers
-        raise ModelFileError(f"{path} has a damaged safetensors header ({exc}). Re-download or re-export the model file.") from None
+        raise ModelFileError(f"{path} has a damaged safetensors header ({exc})", "re-download or re-export the model file.") from None
+
+
+def read_metadata(path: str | os.PathLike) -> ModelMetadata:
+    """Read and check the metadata only; no tensor is read (the checksum is verified by :func:`load_model_file`)."""
+    path = Path(path)
+    return ModelMetadata.from_dict(_checked_metadata(path, _read_header(path)))
+
+
+def _checked_metadata(path: Path, raw: dict, require_checksum: bool = True) -> dict:
     if METADATA_KEY not in raw:
         raise ModelFileError(
-            f"{path} is a safetensors file but not a CounterfactualVA model (no '{METADATA_KEY}' metadata). "
-            "Train one with `counterfactualva train`, which writes the metadata that says how the model must be fed."
+            f"{path} is a safetensors file but not a CounterfactualVA model (no '{METADATA_KEY}' metadata)",
+            "train one with `counterfactualva train`, which writes the metadata that says how the model must be fed.",
         )
     try:
         data = json.loads(raw[METADATA_KEY])
     except json.JSONDecodeError as exc:
-        raise ModelFileError(f"{path}: its metadata is not valid JSON ({exc}). The file was edited or damaged.") from None
+        raise ModelFileError(f"{path}: its metadata is not valid JSON ({exc})", "the file was edited or damaged: re-download or re-export it.") from None
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{path}: its metadata is a JSON {type(data).__name__}, not an object", "the file was edited or damaged: re-download or re-export it.")
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
-        raise ModelFileError(f"{path}: metadata lacks {missing}. The file was edited or written by another tool.")
+        raise ModelFileError(f"{path}: metadata lacks {missing}", "the file was edited or written by another tool: re-export it with `counterfactualva train`.")
     if data["format"] != FORMAT_NAME:
-        raise ModelFileError(f"{path}: metadata format is {data['format']!r}, expected {FORMAT_NAME!r}.")
-    if int(data["format_version"]) > FORMAT_VERSION:
+        raise ModelFileError(f"{path}: metadata format is {data['format']!r}, expected {FORMAT_NAME!r}", "pass a model file written by `counterfactualva train`.")
+    version = data["format_version"]
+    if isinstance(version, bool) or not isinstance(version, int):
         raise ModelFileError(
-            f"{path} uses model format version {data['format_version']}, newer than this CounterfactualVA "
-            f"({__version__}, format {FORMAT_VERSION}). Update the extension."
+            f"{path}: metadata format_version is {version!r}, not a whole number", "the file was edited or damaged: re-download or re-export it."
+        )
+    if version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} uses model format version {version}, newer than this CounterfactualVA ({__version__}, format {FORMAT_VERSION})",
+            "update the extension.",
+        )
+    if require_checksum and (version < FORMAT_VERSION or CHECKSUM_KEY not in raw):
+        if version < FORMAT_VERSION:
+            raise ModelFileError(
+                f"{path} is a format {version} model file (an older CounterfactualVA), without the checksum over metadata and weights that this version requires",
+                f"upgrade it once with `{UPGRADE_COMMAND} {path}` (it verifies the old weights checksum first), or re-export it.",
+            )
+        raise ModelFileError(
+            f"{path} has no '{CHECKSUM_KEY}' checksum in its header", "the file was edited or damaged: re-download or re-export it."
         )
     from .methods import available_methods
 
-    if data["method"] not in available_methods():
+    if not isinstance(data["method"], str) or data["method"] not in available_methods():
         raise ModelFileError(
-            f"{path} is a model of method {data['method']!r}, which this version does not know "
-            f"(known: {', '.join(available_methods())}). Update the extension or pick another model."
+            f"{path} is a model of method {data['method']!r}, which this version does not know (known: {', '.join(available_methods())})",
+            "update the extension or pick another model.",
         )
-    _check_classes_and_grid(path, data)
-    return ModelMetadata.from_dict(data)
+    _check_values(path, data)
+    return data
 
 
-def _check_classes_and_grid(path: Path, data: dict) -> None:
-    """The explanation needs two classes with one named normal, and a 2D/3D grid it can resample onto."""
+def _check_values(path: Path, data: dict) -> None:
+    """Every value the pipeline relies on, with its reason: two classes with an integer normal class, the
+    containers the code indexes, and a grid it can resample onto (PreprocessingConfig's checks)."""
+    damaged = "the metadata was edited or damaged: re-download or re-export the model file."
     classes, normal = data["classes"], data["normal_class"]
     if not isinstance(classes, list) or len(classes) != 2 or len(set(map(str, classes))) != 2:
         raise ModelFileError(
-            f"{path}: the model's classes are {classes!r}; CounterfactualVA explains two-class models (normal vs "
-            "abnormal). Retrain with a cohort whose labels are 0 (normal) and 1 (abnormal)."
+            f"{path}: the model's classes are {classes!r}; CounterfactualVA explains two-class models (normal vs abnormal)",
+            "retrain with a cohort whose labels are 0 (normal) and 1 (abnormal).",
         )
-    if not isinstance(normal, int) or not 0 <= normal < 2:
-        raise ModelFileError(f"{path}: normal_class {normal!r} does not index the classes {classes}; the metadata was edited or damaged.")
+    if isinstance(normal, bool) or not isinstance(normal, int) or not 0 <= normal < 2:
+        raise ModelFileError(f"{path}: normal_class {normal!r} does not index the classes {classes} (it must be the integer 0 or 1)", damaged)
+    for key, kind in (("method_config", dict), ("preprocessing", dict), ("networks", list), ("outputs", list), ("training", dict), ("evaluation", dict)):
+        if key in data and not isinstance(data[key], kind):
+            raise ModelFileError(f"{path}: metadata '{key}' is a {type(data[key]).__name__}, expected a JSON {'object' if kind is dict else 'list'}", damaged)
+    if not all(isinstance(name, str) for name in data["networks"]):
+        raise ModelFileError(f"{path}: metadata 'networks' must list network names, got {data['networks']!r}", damaged)
     from .preprocessing import PreprocessingConfig
 
     try:
         PreprocessingConfig.from_dict(data["preprocessing"])
     except (TypeError, ValueError) as exc:
         raise ModelFileError(
-            f"{path}: the model grid is not a valid 2D or 3D grid ({exc}); the metadata was edited, damaged or written by "
-            "a newer version. Re-export the model with `counterfactualva train`, or update the extension."
+            f"{path}: the model grid is not a valid 2D or 3D grid ({str(exc).rstrip('.')})",
+            "the metadata was edited, damaged or written by a newer version: re-export the model with "
+            "`counterfactualva train`, or update the extension.",
         ) from None
 
 
 def load_model_file(path: str | os.PathLike, expected_method: str | None = None) -> tuple[ModelMetadata, dict]:
-    """(metadata, tensors) after the metadata checks and the weights' checksum."""
+    """(metadata, tensors) after the metadata checks and the checksum over metadata + weights."""
     from safetensors.torch import load_file
 
-    metadata = read_metadata(path)
+    path = Path(path)
+    raw = _read_header(path)
+    metadata = ModelMetadata.from_dict(_checked_metadata(path, raw))
     if expected_method is not None and metadata.method != expected_method:
         raise ModelFileError(
-            f"{path} is a {metadata.method} model, but a {expected_method} model was asked for. Pick a {expected_method} model file."
+            f"{path} is a {metadata.method} model, but a {expected_method} model was asked for", f"pick a {expected_method} model file."
         )
     try:
         tensors = load_file(str(path))
     except Exception as exc:
-        raise ModelFileError(f"{path}: the weights cannot be read ({exc}); the file is truncated or damaged.") from None
-    if metadata.weights_sha256 and weights_digest(tensors) != metadata.weights_sha256:
+        raise ModelFileError(f"{path}: the weights cannot be read ({exc})", "the file is truncated or damaged: re-download or re-export it.") from None
+    if model_checksum(raw[METADATA_KEY], tensors) != raw[CHECKSUM_KEY]:
         raise ModelFileError(
-            f"{path}: the weights do not match the checksum in the metadata: the file was modified or damaged. "
-            "Re-download or re-export it."
+            f"{path}: the metadata or the weights do not match the file's checksum: the file was modified or damaged",
+            "re-download or re-export it (editing the metadata by hand is not supported: it says how the model must be fed).",
         )
     return metadata, tensors
+
+
+def upgrade_model_file(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Re-stamp a format 1 model file as format 2: its old weights checksum is verified first, then the
+    metadata (format_version 2, the weights-only checksum dropped) and the new checksum over metadata +
+    weights are written; the tensors are written back unchanged, byte for byte."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    raw = _read_header(path)
+    data = _checked_metadata(path, raw, require_checksum=False)
+    if data["format_version"] == FORMAT_VERSION and CHECKSUM_KEY in raw:
+        raise ModelFileError(f"{path} is already a format {FORMAT_VERSION} model file", "nothing to upgrade.")
+    tensors = load_file(str(path))
+    expected = data.pop("weights_sha256", "")
+    if not expected or weights_digest(tensors) != expected:
+        raise ModelFileError(
+            f"{path}: its weights do not match its format 1 weights checksum (or it has none), so its integrity cannot be vouched for",
+            "re-export it with `counterfactualva train` instead of upgrading.",
+        )
+    data["format_version"] = FORMAT_VERSION
+    return _write_model_file(Path(out) if out else path, tensors, json.dumps(data, sort_keys=True))
+
+
+if __name__ == "__main__":  # python -m CounterfactualVALib.checkpoint upgrade FILE [FILE ...]
+    if len(sys.argv) < 3 or sys.argv[1] != "upgrade":
+        print(f"usage: {UPGRADE_COMMAND} FILE [FILE ...]", file=sys.stderr)
+        sys.exit(2)
+    for name in sys.argv[2:]:
+        print(f"upgraded {upgrade_model_file(name)}")

@@ -68,7 +68,7 @@ def save_overview_figure(
             if overlay:
                 shown = np.ma.masked_where(np.abs(map_slice) < 0.2 * vmax, map_slice)  # faint differences stay uncoloured
                 im = ax.imshow(shown, cmap="RdBu_r", vmin=-vmax, vmax=vmax, alpha=0.75, aspect=aspect, origin="lower", interpolation="nearest")
-                if mask_slice.any():
+                if mask_slice.any() and min(mask_slice.shape) >= 2:  # contour needs a 2x2 grid
                     ax.contour(mask_slice, levels=[0.5], colors="yellow", linewidths=0.8)
             ax.set_title(f"{row_name}: {plane_name}", fontsize=8)
             ax.axis("off")

@@ -37,7 +37,7 @@ from .devices import select_device
 from .imageio import InputError, image_extension, image_from_array, read_image, validate_image, write_image
 from .method_options import check_values, option_specs_from_metadata
 from .methods import load_method
-from .metrics import threshold_map
+from .metrics import check_threshold, threshold_map
 from .preprocessing import PreprocessingConfig, PreprocessState, input_head_mask, preprocess_validated, to_input_grid
 from .run_summary import SUMMARY_FILE, OutputFiles, RunSummary, Thresholds
 
@@ -282,6 +282,7 @@ def run_attribution(
         timings[stage] = round(now - clock[0], 4)
         clock[0] = now
 
+    check_threshold(threshold_rule, threshold_value)  # before any work: a bad value would only fail at the end
     if isinstance(model_path, LoadedModel):
         model = model_path
         timings["load_model"] = 0.0
@@ -290,7 +291,10 @@ def run_attribution(
         model = load_model(model_path, device)
         done("load_model")
     # Options are checked against the model's own declarations before any work on the input.
-    check_values(model.metadata.method, "options", option_specs_from_metadata(model.metadata), method_options or {})
+    try:
+        check_values(model.metadata.method, "options", option_specs_from_metadata(model.metadata), method_options or {})
+    except ValueError as exc:
+        raise InputError(f"Method option refused ({exc})", "fix the --option KEY=VALUE pair; `counterfactualva methods` lists each method's options.") from None
     config = model.config
     progress(0.20, "Reading input")
     source = read_input(input_path)

@@ -10,29 +10,47 @@ Threshold rules for turning a signed map into a mask:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 THRESHOLD_RULES = {"paper": 0.5, "max-fraction": 0.5, "percentile": 99.0, "absolute": None}
 
 
-def threshold_map(attribution: np.ndarray, rule: str = "paper", value: float | None = None, foreground: np.ndarray | None = None) -> tuple[np.ndarray, float]:
-    """(mask uint8 0/1, threshold applied to |map|). With `foreground`, the rule looks at those voxels only
-    and the mask never extends outside them."""
+def check_threshold(rule: str, value: float | None) -> float:
+    """The threshold value `rule` will use (its default when `value` is None), checked before any work is
+    done: a value outside the rule's range would give an empty or full mask without a word."""
     if rule not in THRESHOLD_RULES:
-        raise ValueError(f"Unknown threshold rule {rule!r}; choose one of {', '.join(THRESHOLD_RULES)}.")
+        raise ValueError(f"Unknown threshold rule {rule!r} — choose one of {', '.join(THRESHOLD_RULES)}.")
     if value is None:
         value = THRESHOLD_RULES[rule]
         if value is None:
-            raise ValueError("The 'absolute' threshold rule needs a value (--threshold-value).")
+            raise ValueError("The 'absolute' threshold rule needs a value — add --threshold-value V (in the map's intensity units, V > 0).")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"Threshold value {value!r} is not a number — pass a number with --threshold-value.") from None
+    if rule in ("paper", "max-fraction") and not 0 < value <= 1:
+        raise ValueError(f"The {rule} threshold is a fraction of the largest |map| and must lie in (0, 1], got {value} — e.g. --threshold-value 0.5.")
+    if rule == "percentile" and not 0 <= value <= 100:
+        raise ValueError(f"The percentile threshold must lie in [0, 100], got {value} — e.g. --threshold-value 99.")
+    if rule == "absolute" and not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"The absolute threshold must be a positive finite number (|map| >= value), got {value} — "
+            "pass a value in the map's intensity units, or use --threshold-rule percentile."
+        )
+    return value
+
+
+def threshold_map(attribution: np.ndarray, rule: str = "paper", value: float | None = None, foreground: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """(mask uint8 0/1, threshold applied to |map|). With `foreground`, the rule looks at those voxels only
+    and the mask never extends outside them."""
+    value = check_threshold(rule, value)
     magnitude = np.abs(attribution)
     region = foreground > 0 if foreground is not None and (foreground > 0).any() else np.ones(magnitude.shape, bool)
     if rule in ("paper", "max-fraction"):
-        if not 0 < value <= 1:
-            raise ValueError(f"max-fraction threshold must lie in (0, 1], got {value}")
         threshold = float(value) * float(magnitude[region].max())
     elif rule == "percentile":
-        if not 0 <= value <= 100:
-            raise ValueError(f"percentile threshold must lie in [0, 100], got {value}")
         threshold = float(np.percentile(magnitude[region], value))
     else:
         threshold = float(value)

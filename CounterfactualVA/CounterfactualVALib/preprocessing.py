@@ -17,6 +17,28 @@ import SimpleITK as sitk
 from .imageio import InputError, validate_image
 
 ORIENTATIONS_3D = ("RAS", "LPS", "LAS", "RPS", "LPI", "RAI")
+INTERPOLATIONS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline, "nearest": sitk.sitkNearestNeighbor}
+# The model grid's stated bound: beyond it one float32 volume alone would need more than 512 MiB.
+MIN_GRID_SIDE, MAX_GRID_SIDE, MAX_GRID_VOXELS = 2, 1024, 512**3
+
+
+def _sequence(name: str, value) -> list:
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{name} must be a list of numbers, got {value!r}")
+    return list(value)
+
+
+def _finite_number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
+        raise ValueError(f"{name} must hold finite numbers, got {value!r}")
+    return float(value)
+
+
+def _whole_number(name: str, value) -> int:
+    number = _finite_number(name, value)
+    if number != int(number):
+        raise ValueError(f"{name} must hold whole numbers, got {value!r}")
+    return int(number)
 
 
 #: how the model grid is placed, and how intensities are mapped to [-1, 1] (see PreprocessingConfig)
@@ -45,19 +67,36 @@ class PreprocessingConfig:
     interpolation: str = "linear"
 
     def __post_init__(self):
-        self.size = tuple(int(s) for s in self.size)
-        self.spacing = tuple(float(s) for s in self.spacing)
-        self.percentiles = tuple(float(p) for p in self.percentiles)
-        if self.spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        """Every value checked with its reason: model files are data from strangers, and a grid of size 0 or a
+        spacing of -1 would otherwise fail deep inside the resampler with a message about neither."""
+        if isinstance(self.spatial_dims, bool) or self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims!r}")
+        self.spatial_dims = int(self.spatial_dims)
+        self.size = tuple(_whole_number("size", s) for s in _sequence("size", self.size))
+        self.spacing = tuple(_finite_number("spacing", s) for s in _sequence("spacing", self.spacing))
+        self.percentiles = tuple(_finite_number("percentiles", p) for p in _sequence("percentiles", self.percentiles))
         if len(self.size) != self.spatial_dims or len(self.spacing) != self.spatial_dims:
             raise ValueError(f"size {self.size} and spacing {self.spacing} must have {self.spatial_dims} entries")
+        if any(s < MIN_GRID_SIDE or s > MAX_GRID_SIDE for s in self.size) or np.prod(self.size, dtype=np.float64) > MAX_GRID_VOXELS:
+            raise ValueError(
+                f"grid size {self.size} is outside the supported range: each side {MIN_GRID_SIDE}..{MAX_GRID_SIDE} voxels and at "
+                f"most {MAX_GRID_VOXELS} voxels in all (larger grids do not fit in memory)"
+            )
+        if any(s <= 0 for s in self.spacing):
+            raise ValueError(f"grid spacing {self.spacing} must be positive (mm per voxel)")
         if self.spatial_dims == 3 and self.orientation not in ORIENTATIONS_3D:
             raise ValueError(f"orientation must be one of {ORIENTATIONS_3D}, got {self.orientation!r}")
         if self.crop not in CROPS:
             raise ValueError(f"crop must be 'foreground' or 'image', got {self.crop!r}")
         if self.intensity not in INTENSITIES:
             raise ValueError(f"intensity must be 'percentile', 'minmax' or 'none', got {self.intensity!r}")
+        if len(self.percentiles) != 2 or not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
+            raise ValueError(f"percentiles must be two numbers with 0 <= low < high <= 100, got {self.percentiles}")
+        self.foreground_fraction = _finite_number("foreground_fraction", self.foreground_fraction)
+        if not 0 <= self.foreground_fraction < 1:
+            raise ValueError(f"foreground_fraction must lie in [0, 1) (of the 99th percentile), got {self.foreground_fraction}")
+        if self.interpolation not in tuple(INTERPOLATIONS):
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -222,8 +261,7 @@ def preprocess_companion(image: sitk.Image, state: PreprocessState, kind: str) -
 
 
 def resample_to_grid(image: sitk.Image, grid: sitk.Image, kind: str, default: float = 0.0, interpolation: str = "linear") -> sitk.Image:
-    interpolators = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline, "nearest": sitk.sitkNearestNeighbor}
-    interp = sitk.sitkNearestNeighbor if kind == "label" else interpolators[interpolation]
+    interp = sitk.sitkNearestNeighbor if kind == "label" else INTERPOLATIONS[interpolation]
     out_type = image.GetPixelID() if kind == "label" else sitk.sitkFloat32
     return sitk.Resample(image, grid, sitk.Transform(), interp, float(default), out_type)
 
