@@ -14,20 +14,22 @@ from pathlib import Path
 from CounterfactualVACLI import cli
 from CounterfactualVALib.checkpoint import CHECKSUM_KEY, METADATA_KEY, ModelMetadata, model_checksum, save_model
 
-TINY_VANTGAN = {"ngf": 4, "n_blocks": 1, "ndf": 4}
+TINY_CONFIGS = {"vantgan": {"ngf": 4, "n_blocks": 1, "ndf": 4}, "classifier": {"channels": 4, "n_layers": 2, "max_channels": 8}}
 
 
-def tiny_random_model(path, spatial_dims: int = 3, size: int = 8, spacing: float = 4.0, seed: int = 0, **preprocessing) -> Path:
-    """An untrained VANT-GAN (a few thousand weights) in a valid model file: enough to test I/O and geometry."""
+def tiny_random_model(path, spatial_dims: int = 3, size: int = 8, spacing: float = 4.0, seed: int = 0, method_name: str = "vantgan", **preprocessing) -> Path:
+    """An untrained model (a few thousand weights) in a valid model file: enough to test I/O and geometry."""
     import torch
 
     from CounterfactualVALib.methods import create_method
     from CounterfactualVALib.preprocessing import PreprocessingConfig
 
     torch.manual_seed(seed)
-    method = create_method("vantgan", spatial_dims, dict(TINY_VANTGAN))
+    method = create_method(method_name, spatial_dims, dict(TINY_CONFIGS[method_name]))
     config = PreprocessingConfig(spatial_dims=spatial_dims, size=(size,) * spatial_dims, spacing=(spacing,) * spatial_dims, **preprocessing)
-    metadata = ModelMetadata(method="vantgan", method_config=method.config, preprocessing=config.to_dict(), networks=["a2m"], outputs=list(method.outputs))
+    metadata = ModelMetadata(
+        method=method_name, method_config=method.config, preprocessing=config.to_dict(), networks=list(method.inference_networks), outputs=list(method.outputs)
+    )
     return save_model(path, method.inference_state_dict(), metadata)
 
 

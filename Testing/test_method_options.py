@@ -176,7 +176,7 @@ def test_specs_are_read_from_metadata_without_torch_or_the_method():
 def test_cli_lists_methods_and_their_declarations():
     from CounterfactualVACLI.cli import build_parser
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="invalid choice: 'nosuchmethod'"):  # a UsageError, for cli.main's boundary
         build_parser().parse_args(["train", "--method", "nosuchmethod", "--data", "d.csv", "--out", "o"])
     train = next(a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions if a.dest == "method")
     assert list(train.choices) == available_methods()

@@ -150,6 +150,8 @@ def test_out_naming_an_existing_file_is_refused(model, scan, tmp_path):
         (lambda m: m.update(normal_class=1.0), "normal_class"),
         (lambda m: m.update(format_version="abc"), "format_version"),
         (lambda m: m.update(networks="a2m"), "networks"),
+        (lambda m: m.update(attribute_options=[{"name": "x", "type": "tensor"}]), "attribute_options"),
+        (lambda m: m.update(attribute_options="all"), "attribute_options"),
     ],
 )
 def test_every_metadata_value_is_checked_with_its_reason(model, scan, tmp_path, edit, fragment):
@@ -269,9 +271,11 @@ def test_absolute_threshold_without_value_is_refused(model, scan, tmp_path):
 # --- 8. messages name the option or file and the fix -------------------------------------------------------
 
 
-def test_bad_method_option_names_the_option(model, scan, tmp_path):
-    code, _, err = run_cli_in_process("attribute", "--model", model, "--input", scan, "--out", tmp_path / "o", "--option", "samples=abc")
-    assert_refused(code, err, "samples", "--option")
+@pytest.mark.parametrize("option", ["ig_steps=abc", "ig_steps=2.5", "samples=3"])
+def test_bad_method_option_names_the_option(scan, tmp_path, option):
+    classifier = tiny_random_model(tmp_path / "classifier.safetensors", method_name="classifier")
+    code, _, err = run_cli_in_process("attribute", "--model", classifier, "--input", scan, "--out", tmp_path / "o", "--option", option)
+    assert_refused(code, err, option.split("=")[0], "--option")
     assert "invalid literal" not in err
 
 

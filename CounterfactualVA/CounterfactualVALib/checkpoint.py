@@ -220,6 +220,17 @@ def _check_values(path: Path, data: dict) -> None:
             raise ModelFileError(f"{path}: metadata '{key}' is a {type(data[key]).__name__}, expected a JSON {'object' if kind is dict else 'list'}", damaged)
     if not all(isinstance(name, str) for name in data["networks"]):
         raise ModelFileError(f"{path}: metadata 'networks' must list network names, got {data['networks']!r}", damaged)
+    for key in ("attribute_options", "config_schema"):
+        if data.get(key) is not None:
+            from .method_options import OptionSpec
+
+            try:
+                if not isinstance(data[key], list):
+                    raise TypeError("not a list")
+                for spec in data[key]:
+                    OptionSpec.from_dict(spec)
+            except (TypeError, ValueError, AttributeError) as exc:
+                raise ModelFileError(f"{path}: metadata '{key}' is not a list of option declarations ({exc})", damaged) from None
     from .preprocessing import PreprocessingConfig
 
     try:
