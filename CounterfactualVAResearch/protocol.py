@@ -140,6 +140,7 @@ def _train_one(name: str, spec: dict, protocol: dict, csv_path: Path, out: Path,
         patch_size=spec.get("patch_size"),
         device=device,
         resume=(run_dir / CHECKPOINT_NAME).is_file(),
+        overwrite=not (run_dir / CHECKPOINT_NAME).is_file(),  # a start that never checkpointed is moved aside
         command=f"counterfactualva protocol (model {name})",
         **settings,
     )

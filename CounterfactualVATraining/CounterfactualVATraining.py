@@ -633,9 +633,11 @@ class CounterfactualVATrainingLogic(DatasetPreviewMixin, TrainingLogMixin, _Logi
         command = self.buildCommand(resume=resume, **arguments)
         self._writeRequest(folder, arguments, command)
         if not resume:
-            for stale in (LOG_NAME, MODEL_NAME):  # a new run's table must not show the old run's rows
-                if os.path.isfile(os.path.join(folder, stale)):
-                    os.remove(os.path.join(folder, stale))
+            # overwrite: the old run's files go to a replaced-<time> subfolder (never deleted), so the new run's
+            # table shows only its own rows and the command line finds no run to refuse
+            from CounterfactualVATrainingLib.runfolder import move_run_aside
+
+            move_run_aside(folder)
         table, chart = self.logNodes(folder)
         if table is not None and not resume:
             self._clearLogNodes(table, chart)

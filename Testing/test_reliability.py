@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 
@@ -169,10 +170,17 @@ def test_unexpected_errors_end_with_an_error_line_and_a_logged_traceback(model, 
 
     monkeypatch.setattr(inference, "run_attribution", broken)
     out = tmp_path / "out"
+    out.mkdir()
     code, _, err = run_cli_in_process("attribute", "--model", model, "--input", scan, "--out", out)
-    assert_refused(code, err, "internal error", "KeyError", "counterfactualva-error.log")
+    assert_refused(code, err, "internal error", "KeyError", str(out / "counterfactualva-error.log"))
     log = (out / "counterfactualva-error.log").read_text()
     assert "Traceback" in log and "raise KeyError" in log
+    # no output folder yet: none is made for the log; the traceback goes to the temporary folder, named in the line
+    code, _, err = run_cli_in_process("attribute", "--model", model, "--input", scan, "--out", tmp_path / "new")
+    assert code == 2 and not (tmp_path / "new").exists()
+    named = last_line(err).split("traceback in ")[1].split(" (rerun")[0]
+    assert "raise KeyError" in open(named).read()
+    os.remove(named)
     code, _, err = run_cli_in_process("attribute", "--model", model, "--input", scan, "--out", out, "--debug")
     assert code == 2 and "Traceback (most recent call last)" in err and last_line(err).startswith("ERROR: internal error")
 

@@ -3,7 +3,8 @@
 The Slicer module runs `python -m CounterfactualVACLI attribute ... --progress` in a subprocess and
 reads `PROGRESS <fraction> <stage>` lines from stdout. Every failure, bad input or bug alike, ends with
 exit code 2 and one last stderr line `ERROR: <what> — <fix>` (:func:`main` is the one error boundary); the
-traceback goes to `counterfactualva-error.log` in the output folder (and to the terminal with --debug).
+traceback goes to `counterfactualva-error.log` in the output folder when it exists (for a bug without one:
+the temporary folder; the ERROR line names the file), and to the terminal with --debug.
 Ctrl-C ends with exit code 130, and a training run stopped by a signal with exit code 3.
 """
 
@@ -102,6 +103,7 @@ def cmd_train(args) -> int:
         device=args.device,
         amp=not args.no_amp,
         resume=args.resume,
+        overwrite=args.overwrite,
         num_workers=args.num_workers,
         command=shlex.join(["counterfactualva"] + sys.argv[1:]),
     )
@@ -249,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA (default: bf16 autocast)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in a folder that holds a run: its files are moved to <out>/replaced-<time>/, never deleted")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--progress", action="store_true")
     p.set_defaults(func=cmd_train)
@@ -364,31 +367,24 @@ def error_message(exc: BaseException, args=None, log_path=None) -> str:
     )
 
 
-def _error_log_path(args, create: bool) -> Path | None:
-    """`<out>/counterfactualva-error.log` when the command has an output folder; the folder is created only
-    for an unexpected error (a refused input leaves no folder behind)."""
+def _error_log_path(args) -> Path | None:
+    """`<out>/counterfactualva-error.log` when the command's output folder exists (it is never created for
+    the log: a refused or failed start leaves no folder behind)."""
     out = getattr(args, "out", None)
     if not out:
         return None
     folder = Path(out)
     if getattr(args, "command", None) == "evaluate":  # its --out is a JSON file
         folder = folder.parent
-    if not folder.is_dir():
-        if not create or folder.exists():
-            return None
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            return None
-    return folder / ERROR_LOG_NAME
+    return folder / ERROR_LOG_NAME if folder.is_dir() else None
 
 
 def _finish_with_error(args, argv: list[str], exc: BaseException, debug: bool, message: str | None = None) -> None:
     """Log the traceback, then print the one ERROR line (last, after everything else was flushed)."""
     trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     unexpected = not _is_user_error(exc)
-    path = _error_log_path(args, create=unexpected) if args is not None else None
-    if path is None and unexpected:
+    path = _error_log_path(args) if args is not None else None
+    if path is None and unexpected:  # a bug's traceback is always kept somewhere
         path = Path(tempfile.gettempdir()) / f"counterfactualva-error-{os.getpid()}.log"
     message = " ".join((message or error_message(exc, args, path)).split())
     if path is not None:

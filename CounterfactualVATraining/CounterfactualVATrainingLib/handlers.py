@@ -28,6 +28,7 @@ from typing import Callable
 from CounterfactualVALib.run_files import LOG_NAME, MODEL_NAME, TENSORBOARD_FOLDER
 
 from . import distributed
+from .runfolder import log_rows_up_to
 
 
 class Handler:
@@ -145,14 +146,14 @@ class Checkpoints(Handler):
 
 class LogFile(Handler):
     """The CSV log (and TensorBoard when installed), rank 0 only: every `every` steps, validation steps and the
-    last step. A resumed run appends to the rows already there."""
+    last step. A resumed run keeps the rows up to its checkpoint's step and appends to them."""
 
     def __init__(self, every: int):
         self.every = every
         self.logger = None
 
     def started(self, trainer) -> None:
-        self.logger = _Logger(trainer.out, enabled=trainer.dist.is_main, append=trainer.config.resume and trainer.step > 0)
+        self.logger = _Logger(trainer.out, enabled=trainer.dist.is_main, resume_step=trainer.step if trainer.config.resume else None)
 
     def step_ended(self, trainer, row: dict) -> None:
         if trainer.step % self.every == 0 or trainer.is_last_step or "val_score" in row:
@@ -205,7 +206,9 @@ def default_handlers(config, progress=None, should_stop=None) -> list[Handler]:
 class _Logger:
     """CSV log (always) and TensorBoard (when installed), written by rank 0 only."""
 
-    def __init__(self, out, enabled: bool, append: bool):
+    def __init__(self, out, enabled: bool, resume_step: int | None = None):
+        """`resume_step`: the checkpoint's step when resuming; rows (and TensorBoard events) after it are
+        dropped, since the resumed run logs those steps again (after a kill -9, every step appears once)."""
         import csv
 
         self.enabled = enabled
@@ -214,13 +217,12 @@ class _Logger:
         self.writer = None
         if not enabled:
             return
-        if append and self.path.exists():
-            with open(self.path) as f:
-                self.rows = list(csv.DictReader(f))
+        if resume_step is not None:
+            self.rows = log_rows_up_to(self.path, resume_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out / TENSORBOARD_FOLDER))
+            self.writer = SummaryWriter(str(out / TENSORBOARD_FOLDER), purge_step=None if resume_step is None else resume_step + 1)
         except Exception:  # tensorboard is optional
             self.writer = None
 

@@ -10,6 +10,7 @@ and, when their networks depend on the model grid, `prepare_config`; the loop na
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from CounterfactualVALib.run_files import CHECKPOINT_NAME, MODEL_NAME
 from . import distributed
 from .data import UnpairedSampler, cache_split, describe, load_cohort, step_generator
 from .handlers import Handler, default_handlers
+from .runfolder import RunFolder
 
 
 @dataclass
@@ -60,6 +62,7 @@ class TrainingConfig:
     amp: bool = True
     channels_last: bool = True
     resume: bool = False
+    overwrite: bool = False  # move a run already in `out` aside (runfolder.move_run_aside) instead of refusing
     num_workers: int = 0
     classes: list = field(default_factory=lambda: ["normal", "abnormal"])
     command: str = ""
@@ -222,9 +225,13 @@ class Trainer:
     def fit(self) -> Path | None:
         """Run to the last step (or until a handler stops or cancels the run); the model file path, or None
         when cancelled (the checkpoint allows --resume)."""
+        # rank 0 holds the run folder (checked, locked, cleaned; a failed start removes what it made) throughout
+        folder = RunFolder(self.out).open(resume=self.config.resume, overwrite=self.config.overwrite) if self.dist.is_main else contextlib.nullcontext()
+        with folder:
+            return self._fit()
+
+    def _fit(self) -> Path | None:
         cfg = self.config
-        if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
         distributed.barrier(self.dist)
         started: list[Handler] = []
         outcome = "failed"
