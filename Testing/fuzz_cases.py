@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,7 +266,7 @@ def check_attribution(model: Path, scan: Path, out: Path, extra_args=()) -> str:
     what = line[len("ERROR: "):].split(" — ")[0]
     for path in (str(model), str(scan), str(out)):
         what = what.replace(path, "<file>")
-    return "refused: " + " ".join(what.split()[:7])
+    return "refused: " + re.sub(r"\d+", "#", " ".join(what.split()[:7]))
 
 
 def run_volume_case(case: VolumeCase, model_3d: Path, model_2d: Path, use_2d: bool) -> str:

@@ -124,6 +124,8 @@ def test_concurrent_trainings_into_one_folder_one_is_refused(synthetic_2d, tmp_p
         assert first.poll() is None, first.stderr.read()
         assert code == 2 and "in use" in last_line(err) and f"process {first.pid}" in last_line(err), err
     finally:
+        while first.poll() is None and not (out / "log.csv").exists() and time.monotonic() < deadline + 300:
+            time.sleep(0.05)  # SIGTERM is a clean stop once training runs (before that it ends the process)
         first.send_signal(signal.SIGTERM)  # stops at the next step with a checkpoint (exit 3: resumable)
         first_err = first.communicate()[1]
     assert first.returncode == 3, first_err

@@ -81,6 +81,8 @@ def load_results(
 
     result = CounterfactualVAResult(summary=summary)
     added = []
+    scene = inputVolumeNode.GetScene()
+    existing = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
     try:
         description = summary.description
         method = summary.method
@@ -111,6 +113,9 @@ def load_results(
         slicer_nodes.place_in_subject_hierarchy(added, inputVolumeNode)
     except BaseException:
         slicer_nodes.remove_nodes(added)
+        # and what showing them made on the way (e.g. a new colour table): the scene is left as it was
+        made = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        slicer_nodes.remove_nodes([node for node in made if node is not None and node.GetID() not in existing])
         raise
     if show:
         slicer_nodes.show_in_slice_views(
