@@ -15,17 +15,11 @@ Console use (works in Slicer's Python console and with the ``slicer-core`` wheel
 """
 
 import importlib
-import json
 import os
-import re
-import shutil
 import sys
-import tempfile
-import time
 from typing import Annotated, Callable
 
 import slicer
-import vtk
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 if MODULE_DIR not in sys.path:  # CounterfactualVALib and CounterfactualVACLI live next to this file
@@ -33,8 +27,8 @@ if MODULE_DIR not in sys.path:  # CounterfactualVALib and CounterfactualVACLI li
 
 from CounterfactualVALib import slicer_nodes  # noqa: E402
 from CounterfactualVALib.slicer_support import process as processes  # noqa: E402
-from CounterfactualVALib.slicer_support import attribution, results, sample_data, settings, testing  # noqa: E402
-from CounterfactualVALib.slicer_support.attribution_worker import AttributionWorker, WorkerAttributionProcess  # noqa: E402
+from CounterfactualVALib.slicer_support import attribution, option_form, results, sample_data, settings, testing  # noqa: E402
+from CounterfactualVALib.slicer_support.attribution_worker import AttributionWorker  # noqa: E402
 from CounterfactualVALib.slicer_support.device_probe import DeviceProbe  # noqa: E402
 from CounterfactualVALib.slicer_support.framework import (  # noqa: E402  (stand-ins under slicer-core)
     HAVE_SLICER_APP,
@@ -51,9 +45,9 @@ from CounterfactualVALib.slicer_support.framework import (  # noqa: E402  (stand
     qt,
     translate,
 )
-from CounterfactualVALib.slicer_support.model_file import describe_model, read_model_metadata  # noqa: E402
+from CounterfactualVALib.slicer_support.model_file import model_info, read_model_metadata  # noqa: E402
 from CounterfactualVALib.slicer_support.option_form import OptionForm, option_specs_for_model_file  # noqa: E402
-from CounterfactualVALib.slicer_support.requirements import DependencyHandler, describe_missing, missing_requirements  # noqa: E402
+from CounterfactualVALib.slicer_support.requirements import DependencyHandler, check_installed, missing_requirements  # noqa: E402
 from CounterfactualVALib.slicer_support.results import CounterfactualVAResult  # noqa: E402,F401  (part of the console API)
 
 DEVICES = attribution.DEVICES
@@ -75,17 +69,7 @@ def sampleFilePath(fileName: str, moduleDir: str | None = None) -> str | None:
 
 
 def registerSampleData() -> bool:
-    """Add the shipped phantom to Slicer's Sample Data module (category 'CounterfactualVA'); True when done.
-    The model is not a scene node: the panel offers it as the default model."""
-    source = sample_data.sample_data_source(MODULE_DIR)
-    if source is None:
-        return False
-    try:
-        import SampleData
-    except ImportError:
-        return False
-    SampleData.SampleDataLogic.registerCustomSampleDataSource(**source)
-    return True
+    return sample_data.register_sample_data(MODULE_DIR)
 
 
 #
@@ -168,8 +152,6 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
     """Thin panel: binds the .ui to the parameter node and drives CounterfactualVALogic."""
 
     POLL_INTERVAL_MS = 200
-    #: the Qt editor class of each OptionSpec type
-    OPTION_EDITORS = {"int": "QSpinBox", "float": "QDoubleSpinBox", "bool": "QCheckBox", "choice": "QComboBox", "str": "QLineEdit"}
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -262,12 +244,7 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
             editor.deleteLater()
         self._optionRows = []
         saved = self._parameterNode.methodOptionValues if self._parameterNode else ""
-        try:
-            method = read_model_metadata(path)["method"] if path else None
-            self._optionForm = OptionForm(method, self.logic.methodOptionSpecs(path) if method else [], saved)
-            message = _("This model's method has no options.") if method else _("Select a model file to see its method's options.")
-        except Exception as exc:  # noqa: BLE001  (an unreadable model: say so, no rows)
-            self._optionForm, message = OptionForm(None, [], saved), _("Options not available: {error}").format(error=exc)
+        self._optionForm, message = option_form.form_for_model_file(path, saved)
         self.ui.methodOptionsLabel.text = message
         self.ui.methodOptionsLabel.visible = not self._optionForm.specs
         for spec in self._optionForm.specs:
@@ -281,32 +258,16 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
         self._showAdvancedOptions(self.ui.showAdvancedOptionsCheckBox.checked)
 
     def _optionEditor(self, spec, value):
-        """The Qt editor of one OptionSpec, showing `value`; edits go to the form."""
-        editor = getattr(qt, self.OPTION_EDITORS[spec.type])()
-        if spec.type == "choice":
-            editor.addItems([str(choice) for choice in spec.choices])
-        elif spec.type in ("int", "float"):
-            if spec.type == "float":
-                editor.decimals = spec.decimals if spec.decimals is not None else 4
-            if spec.step is not None:
-                editor.singleStep = spec.step
-            editor.minimum = spec.minimum if spec.minimum is not None else -(2**31 - 1)
-            editor.maximum = spec.maximum if spec.maximum is not None else 2**31 - 1
-        self._setOptionValue(spec, editor, value)
-        signal = {"bool": "toggled(bool)", "choice": "currentTextChanged(QString)", "str": "textChanged(QString)"}.get(spec.type, "valueChanged(double)" if spec.type == "float" else "valueChanged(int)")
-        editor.connect(signal, lambda value, name=spec.name: self._onOptionEdited(name, value))
+        """The Qt editor of one OptionSpec (as option_form.editor_for describes it), showing `value`."""
+        plan = option_form.editor_for(spec)
+        editor = getattr(qt, plan.qt_class)()
+        if plan.items:
+            editor.addItems(plan.items)
+        for name, setting in plan.properties.items():
+            setattr(editor, name, setting)
+        setattr(editor, plan.value_property, option_form.editor_value(spec, value))
+        editor.connect(plan.signal, lambda value, name=spec.name: self._onOptionEdited(name, value))
         return editor
-
-    @staticmethod
-    def _setOptionValue(spec, editor, value):
-        if spec.type == "bool":
-            editor.checked = bool(value)
-        elif spec.type == "choice":
-            editor.currentText = str(value)
-        elif spec.type in ("int", "float"):
-            editor.value = value
-        else:
-            editor.text = str(value)
 
     def _onOptionEdited(self, name, value):
         try:
@@ -324,7 +285,7 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
     def _resetMethodOptions(self):
         self._optionForm.reset()
         for spec, _label, editor in self._optionRows:
-            self._setOptionValue(spec, editor, spec.default)
+            setattr(editor, option_form.editor_for(spec).value_property, option_form.editor_value(spec, spec.default))
 
     def _onOpacityChanged(self, value):
         if self._result is not None:
@@ -483,14 +444,7 @@ class CounterfactualVALogic(_LogicBase):
 
     def deviceDescription(self, timeout: float = 60.0) -> str:
         """The panel's device line (GPU name and memory, or the CPU), asked of the child's Python; blocks."""
-        probe = self.deviceProbe()
-        deadline = time.monotonic() + timeout
-        while (line := probe.poll()) is None:
-            if time.monotonic() > deadline:
-                probe.cancel()
-                return "The compute device could not be detected (no answer)."
-            time.sleep(0.05)
-        return line
+        return self.deviceProbe().wait(timeout)
 
     @staticmethod
     def missingPythonPackages() -> list:
@@ -503,28 +457,7 @@ class CounterfactualVALogic(_LogicBase):
         return DependencyHandler("CounterfactualVA", in_slicer=HAVE_SLICER_APP).ensure(askConfirmation)
 
     def buildCommand(self, modelPath, inputPath, outDir, device="auto", thresholdRule="paper", thresholdValue=None, methodOptions=None) -> list:
-        command = [
-            self.pythonCommand(), "-m", processes.CLI_MODULE, "attribute",
-            "--model", str(modelPath), "--input", str(inputPath), "--out", str(outDir),
-            "--device", device, "--threshold-rule", thresholdRule,
-        ]
-        if thresholdValue is not None:
-            command += ["--threshold-value", repr(float(thresholdValue))]
-        for key, value in (methodOptions or {}).items():  # e.g. ICAM {"samples": 20}, medXGAN {"inversion_steps": 500}
-            command += ["--option", f"{key}={self._optionText(value)}"]
-        return command + ["--progress"]
-
-    @staticmethod
-    def _optionText(value) -> str:
-        """How the command line's `--option key=value` gets `value` back: JSON, except plain strings that JSON
-        would read as something else (the command line parses JSON first, then keeps the text)."""
-        if not isinstance(value, str):
-            return json.dumps(value)
-        try:
-            json.loads(value)
-        except json.JSONDecodeError:
-            return value
-        return json.dumps(value)
+        return attribution.build_command(self.pythonCommand(), modelPath, inputPath, outDir, device, thresholdRule, thresholdValue, methodOptions)
 
     @staticmethod
     def methodOptionSpecs(modelPath) -> list:
@@ -535,15 +468,7 @@ class CounterfactualVALogic(_LogicBase):
     @staticmethod
     def modelInfo(modelPath) -> str:
         """One paragraph about a model file (method, classes, grid, training), read from its header only."""
-        path = settings.path_text(modelPath)
-        if not path:
-            return "No model selected."
-        if not os.path.isfile(path):
-            return f"Model file not found: {path}"
-        try:
-            return describe_model(read_model_metadata(path))
-        except ValueError as exc:
-            return f"Not usable: {exc}"
+        return model_info(modelPath)
 
     # -- running -------------------------------------------------------------------------------------------
     @staticmethod
@@ -584,46 +509,13 @@ class CounterfactualVALogic(_LogicBase):
         """
         self.validate(inputVolumeNode, modelPath, device, thresholdRule, thresholdValue)
         results.check_palette(palette)
-        missing = missing_requirements()
-        if missing:
-            raise RuntimeError(
-                f"Python packages missing: {describe_missing(missing)}. In Slicer click Apply in the CounterfactualVA panel "
-                "(it offers to install them) or call CounterfactualVALogic().setupPythonRequirements()."
-            )
-        baseTemp = None
-        if HAVE_SLICER_APP and hasattr(slicer, "app"):
-            baseTemp = slicer.app.temporaryPath
-        tempDir = tempfile.mkdtemp(prefix="CounterfactualVA-", dir=baseTemp)
-        try:
-            stem = re.sub(r"[^A-Za-z0-9._-]+", "_", inputVolumeNode.GetName()).strip("._") or "input"
-            inputPath = slicer_nodes.write_volume(inputVolumeNode, os.path.join(tempDir, f"{stem}.nrrd"))
-            outDir = os.path.join(tempDir, "output")
-            command = self.buildCommand(os.path.abspath(str(modelPath)), inputPath, outDir, device, thresholdRule, thresholdValue, methodOptions)
-            loadOptions = {
-                "opacity": opacity, "createSegmentation": createSegmentation,
-                "transparentBelowThreshold": transparentBelowThreshold, "palette": palette,
-            }
-            if self.useWorker:
-                # Outputs read back at once: uncompressed NRRD (compression would cost more than the whole run).
-                request = {
-                    "command": "attribute", "model": os.path.abspath(str(modelPath)), "input": inputPath, "out": outDir,
-                    "device": device, "threshold_rule": thresholdRule,
-                    "threshold_value": None if thresholdValue is None else float(thresholdValue),
-                    "method_options": dict(methodOptions or {}), "compress": False,
-                }
-                process = WorkerAttributionProcess(
-                    self, inputVolumeNode, self.attributionWorker(), request, tempDir, outDir, device, loadOptions,
-                    progressCallback, logCallback, cpuFallback,
-                )
-            else:
-                process = attribution.AttributionProcess(
-                    self, inputVolumeNode, command, self.childEnvironment(device), tempDir, outDir, device, loadOptions,
-                    progressCallback, logCallback, cpuFallback,
-                )
-            process.start()
-        except BaseException:
-            shutil.rmtree(tempDir, ignore_errors=True)
-            raise
+        check_installed("CounterfactualVA", "Apply", "CounterfactualVALogic().setupPythonRequirements()")
+        loadOptions = {"opacity": opacity, "createSegmentation": createSegmentation, "transparentBelowThreshold": transparentBelowThreshold, "palette": palette}
+        process = attribution.start_attribution(
+            self, inputVolumeNode, modelPath, device, thresholdRule, thresholdValue, methodOptions, loadOptions, progressCallback,
+            logCallback, cpuFallback, tempBase=slicer.app.temporaryPath if HAVE_SLICER_APP and hasattr(slicer, "app") else None,
+            worker=self.attributionWorker() if self.useWorker else None,
+        )
         if not waitForCompletion:
             return process
         return process.wait(timeout=timeout)
@@ -648,35 +540,7 @@ class CounterfactualVALogic(_LogicBase):
         the names of the created nodes and a status ("ok" or "error: <message>"); `results` holds one
         CounterfactualVAResult per volume, None where it failed. A failing volume does not stop the batch.
         """
-        if "waitForCompletion" in runOptions:
-            raise TypeError("runOnVolumes always waits for each run; do not pass waitForCompletion.")
-        volumes = [node for node in inputVolumeNodes if node is not None]
-        if not volumes:
-            raise ValueError("No input volumes: select at least one scalar volume.")
-        scene = volumes[0].GetScene()
-        if scene is None:
-            raise ValueError(f"'{volumes[0].GetName()}' is not in a scene: add it to the scene first.")
-        tableNode = results.start_batch_table(scene, tableNode)
-        runs = []
-        for index, volume in enumerate(volumes):
-            name = volume.GetName() if volume.GetName() is not None else "(unnamed)"
-
-            def forward(fraction, stage, _index=index, _name=name):
-                if progressCallback:
-                    progressCallback((_index + fraction) / len(volumes), f"[{_index + 1}/{len(volumes)}] {_name}: {stage}")
-
-            try:
-                result = self.run(volume, modelPath, waitForCompletion=True, progressCallback=forward, logCallback=logCallback, **runOptions)
-            except Exception as exc:
-                runs.append(None)
-                results.add_batch_row(tableNode, results.batch_row(name, error=exc))
-                (logCallback or print)(f"{name}: ERROR: {exc}")
-            else:
-                runs.append(result)
-                results.add_batch_row(tableNode, results.batch_row(name, result))
-        if progressCallback:
-            progressCallback(1.0, "Done")
-        return tableNode, runs
+        return attribution.run_batch(self.run, inputVolumeNodes, modelPath, progressCallback, logCallback, tableNode, **runOptions)
 
     # -- results -------------------------------------------------------------------------------------------
     @staticmethod
@@ -732,65 +596,8 @@ class CounterfactualVATest(ScriptedLoadableModuleTest):
     def test_CounterfactualVA_EndToEnd(self):
         """The panel's path: an oblique volume under a linear transform, in a subject-hierarchy folder, run
         without blocking and polled like the widget's timer does, with a segmentation."""
-        import numpy as np
-
         self.delayDisplay("Starting the CounterfactualVA end-to-end test")
         if CounterfactualVALogic.missingPythonPackages():  # under pytest/unittest only; runTest() checks first
             self.skipTest(f"missing Python packages: {CounterfactualVALogic.missingPythonPackages()}")
-        folder = tempfile.mkdtemp(prefix="CounterfactualVATest-")
-        try:
-            model = self.makeTinyModel(os.path.join(folder, "tiny.safetensors"))
-            inputNode = self.makeObliqueVolume(self.scene)
-            transformNode = self.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "SelfTestRegistration")
-            transform = vtk.vtkTransform()
-            transform.RotateY(11)
-            transform.Translate(4.5, -3.25, 9.0)
-            transformNode.SetMatrixTransformToParent(transform.GetMatrix())
-            inputNode.SetAndObserveTransformNodeID(transformNode.GetID())
-            sh = self.scene.GetSubjectHierarchyNode()
-            shFolder = sh.CreateFolderItem(sh.GetSceneItemID(), "SelfTestScans")
-            if sh.GetItemByDataNode(inputNode):
-                sh.SetItemParent(sh.GetItemByDataNode(inputNode), shFolder)
-            else:
-                sh.CreateItem(shFolder, inputNode)
-            before = slicer_nodes.node_state(inputNode)
-            self.progress, self.log = [], []
-
-            process = CounterfactualVALogic().run(
-                inputNode, model, device="cpu", thresholdRule="percentile", thresholdValue=95, opacity=0.5,
-                createSegmentation=True, waitForCompletion=False,
-                progressCallback=lambda f, stage: self.progress.append((f, stage)), logCallback=self.log.append,
-            )
-            deadline = time.monotonic() + 300
-            while not process.poll():
-                self.assertLess(time.monotonic(), deadline, "\n".join(self.log))
-                if qt is not None and hasattr(slicer, "app"):
-                    slicer.app.processEvents()
-                time.sleep(0.05)
-            result = process.result
-            self.process, self.result, self.inputNode, self.shFolder = process, result, inputNode, shFolder
-
-            self.assertEqual(
-                [node.GetName() for node in result.nodes()],
-                ["SelfTestMRI counterfactual", "SelfTestMRI attribution", "SelfTestMRI attribution mask", "SelfTestMRI attribution segmentation"],
-            )
-            for node in (result.counterfactual, result.attribution, result.mask):
-                self.assertTrue(slicer_nodes.same_world_geometry(node, inputNode), node.GetName())
-                self.assertTrue(slicer_nodes.matrices_equal(slicer_nodes.world_ijk_to_ras(node), slicer_nodes.world_ijk_to_ras(inputNode)))
-                self.assertEqual(sh.GetItemParent(sh.GetItemByDataNode(node)), shFolder)
-                self.assertTrue(node.GetAttribute(slicer_nodes.DESCRIPTION_ATTRIBUTE))
-            self.assertEqual(result.segmentation.GetTransformNodeID(), transformNode.GetID())
-            self.assertEqual(result.segmentation.GetSegmentation().GetNumberOfSegments(), 1)
-            mask = slicer.util.arrayFromVolume(result.mask)
-            self.assertTrue(set(np.unique(mask)) <= {0, 1} and mask.any())
-            display = result.attribution.GetDisplayNode()
-            self.assertTrue(display.GetColorNode().GetName().startswith(slicer_nodes.DIVERGING_COLOR_NODE_NAME))
-            self.assertEqual(display.GetLevel(), 0.0)
-            fractions = [f for f, _ in self.progress]
-            self.assertEqual(fractions, sorted(fractions))
-            self.assertEqual(fractions[-1], 1.0)
-            self.assertFalse(os.path.exists(process.tempDir))
-            self.assertEqual(slicer_nodes.node_state(inputNode), before)  # the input is untouched
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        testing.attribution_end_to_end(self, CounterfactualVALogic(), self.scene)
         self.delayDisplay("Test passed")

@@ -24,14 +24,9 @@ table node in the scene.
 """
 
 import importlib
-import importlib.util
 import json
 import os
-import re
-import shlex
-import shutil
 import sys
-import tempfile
 import time
 from typing import Annotated, Callable
 
@@ -68,9 +63,10 @@ from CounterfactualVALib.slicer_support.framework import (  # noqa: E402  (stand
     translate,
 )
 from CounterfactualVALib.slicer_support import process as processes  # noqa: E402
-from CounterfactualVALib.slicer_support import settings, training_process  # noqa: E402
-from CounterfactualVALib.slicer_support.requirements import DependencyHandler, describe_missing, missing_requirements  # noqa: E402
-from CounterfactualVALib.slicer_support.training_data import (  # noqa: E402,F401  (re-exported: the module's constants)
+from CounterfactualVALib.slicer_support import settings  # noqa: E402
+from CounterfactualVALib.slicer_support.requirements import DependencyHandler, check_installed, missing_requirements  # noqa: E402
+from CounterfactualVATrainingLib.slicer_support import training_process  # noqa: E402
+from CounterfactualVATrainingLib.slicer_support.training_data import (  # noqa: E402,F401  (re-exported: the module's constants)
     COHORT_CSV_NAME,
     IMAGE_EXTENSIONS,
     LOG_NAME,
@@ -80,17 +76,19 @@ from CounterfactualVALib.slicer_support.training_data import (  # noqa: E402,F40
     DatasetPreviewMixin,
     TrainingLogMixin,
 )
-from CounterfactualVALib.slicer_support.training_process import CHECKPOINT_NAME, EXIT_STOPPED, MODEL_NAME  # noqa: E402,F401
+from CounterfactualVATrainingLib.slicer_support.training_process import CHECKPOINT_NAME, EXIT_STOPPED, MODEL_NAME  # noqa: E402,F401
+from CounterfactualVATrainingLib.slicer_support import training_request  # noqa: E402
+from CounterfactualVATrainingLib.slicer_support.testing import TINY_CONFIG, tiny_training_run  # noqa: E402
+from CounterfactualVATrainingLib.slicer_support.training_request import (  # noqa: E402  (re-exported: the module's choices)
+    CROPS,
+    DEVICES,
+    INTENSITIES,
+    METHODS,
+    REQUEST_NAME,
+    SPATIAL_DIMS,
+)
 
-from CounterfactualVALib.methods import available_methods  # noqa: E402  (the registry imports no torch)
-
-METHODS = tuple(available_methods())
-#: choices of `counterfactualva train`
-from CounterfactualVALib.devices import DEVICES  # noqa: E402
-from CounterfactualVALib.preprocessing import CROPS, INTENSITIES  # noqa: E402
-SPATIAL_DIMS = (3, 2)
 DATA_SOURCES = ("cohort CSV", "two folders")
-REQUEST_NAME = "CounterfactualVATraining.json"
 CounterfactualVATrainingProcess = training_process.TrainingProcess
 trainedModelsFile, trainedModels, recordTrainedModel = (
     training_process.trainedModelsFile, training_process.trainedModels, training_process.recordTrainedModel)
@@ -137,6 +135,7 @@ if parameterNodeWrapper is not None:
         """The panel's settings, saved with the scene.
 
         size/spacing: the model grid as "x y [z]" (voxels, mm). batchSize 0: the method's default.
+        timeBudgetMinutes 0: no limit (train --time-budget).
         hyperParameters: method settings as key=value (whitespace or new lines between pairs); a QPlainTextEdit,
         bound by slicer_support.framework's connector that writes only changed text (the cursor stays put).
         csvPath, normalFolder, abnormalFolder, outputFolder: text, "" when empty (never ".").
@@ -155,6 +154,7 @@ if parameterNodeWrapper is not None:
         hyperParameters: str = ""
         steps: Annotated[int, WithinRange(1, 10_000_000)] = 1000
         batchSize: Annotated[int, WithinRange(0, 4096)] = 0
+        timeBudgetMinutes: Annotated[float, WithinRange(0.0, 10000.0)] = 0.0
         device: Annotated[str, Choice(list(DEVICES))] = "auto"
         outputFolder: str = ""
 
@@ -224,8 +224,8 @@ class CounterfactualVATrainingWidget(ParameterNodeWidgetMixin, ScriptedLoadableM
 
     def onReload(self):
         """Developer 'Reload': the training process always starts with fresh library code; reload the
-        library modules this process imported for previews."""
-        for name in sorted(n for n in list(sys.modules) if n.startswith("CounterfactualVAResearch.data")):
+        panel's support modules this process imported."""
+        for name in sorted(n for n in list(sys.modules) if n.startswith("CounterfactualVATrainingLib.slicer_support.")):
             importlib.reload(sys.modules[name])
         ScriptedLoadableModuleWidget.onReload(self)
 
@@ -248,7 +248,7 @@ class CounterfactualVATrainingWidget(ParameterNodeWidgetMixin, ScriptedLoadableM
         for widget in (
             self.ui.dataSourceComboBox, self.ui.methodComboBox, self.ui.spatialDimsComboBox, self.ui.sizeLineEdit,
             self.ui.spacingLineEdit, self.ui.cropComboBox, self.ui.intensityComboBox, self.ui.hyperParametersTextEdit,
-            self.ui.methodDefaultsButton, self.ui.stepsSpinBox, self.ui.batchSizeSpinBox, self.ui.deviceComboBox,
+            self.ui.methodDefaultsButton, self.ui.stepsSpinBox, self.ui.batchSizeSpinBox, self.ui.timeBudgetSpinBox, self.ui.deviceComboBox,
             self.ui.outputFolderLineEdit, self.ui.previewButton,
         ):
             widget.enabled = not running
@@ -269,9 +269,7 @@ class CounterfactualVATrainingWidget(ParameterNodeWidgetMixin, ScriptedLoadableM
         self.ui.progressBar.value = int(round(100 * fraction))
         self.ui.progressBar.format = _("step {step}/{total} (%p%)").format(step=step, total=total)
         self._liveValues.update(values)  # validation figures stay shown until the next validation
-        shown = [f"{k} {v:.4g}" for k, v in self._liveValues.items() if k.startswith("loss")]
-        shown += [f"{k} {v:.4g}" for k, v in self._liveValues.items() if k in ("val_ncc", "val_dice", "val_score")]
-        self.ui.lossesLabel.text = "   ".join(shown)
+        self.ui.lossesLabel.text = training_process.live_values_text(self._liveValues)
 
     # -- actions ---------------------------------------------------------------------------------------------
     def _datasetArguments(self):
@@ -312,10 +310,8 @@ class CounterfactualVATrainingWidget(ParameterNodeWidgetMixin, ScriptedLoadableM
                     self.ui.datasetInfoLabel.text = self.logic.describePreview(preview)
                     csvPath = preview["csv"]
                 self._process = self.logic.train(
-                    csvPath, output, method=p.method, steps=p.steps, batchSize=p.batchSize or None, spatialDims=p.spatialDims,
-                    size=self.logic.parseNumbers(p.size, int, "size"), spacing=self.logic.parseNumbers(p.spacing, float, "spacing"),
-                    crop=p.crop, intensity=p.intensity, device=p.device, config=self.logic.parseHyperParameters(p.hyperParameters),
-                    resume=resume, overwrite=not resume and self._confirmOverwrite(output), **common,
+                    csvPath, output, **training_request.panel_train_arguments(p), resume=resume,
+                    overwrite=not resume and self._confirmOverwrite(output), **common,
                 )
             self.ui.progressBar.value = 0
             self.ui.progressBar.show()
@@ -417,14 +413,7 @@ class CounterfactualVATrainingLogic(DatasetPreviewMixin, TrainingLogMixin, _Logi
     @staticmethod
     def libraryFolders() -> list:
         """The folders that hold CounterfactualVALib, CounterfactualVACLI and CounterfactualVATrainingLib."""
-        folders = []
-        for name in ("CounterfactualVALib", "CounterfactualVACLI", "CounterfactualVATrainingLib"):
-            spec = importlib.util.find_spec(name)
-            for location in list(spec.submodule_search_locations or []) if spec is not None else []:
-                folder = os.path.dirname(os.path.abspath(location))
-                if folder not in folders:
-                    folders.append(folder)
-        return folders
+        return processes.library_folders(("CounterfactualVALib", "CounterfactualVACLI", "CounterfactualVATrainingLib"))
 
     def pythonCommand(self) -> str:
         return processes.python_executable(self.pythonExecutable, in_slicer=HAVE_SLICER_APP)
@@ -442,131 +431,20 @@ class CounterfactualVATrainingLogic(DatasetPreviewMixin, TrainingLogMixin, _Logi
         """Install what training needs (the same file as attribution) into Slicer's Python; True when ready."""
         return DependencyHandler("CounterfactualVA Training", in_slicer=HAVE_SLICER_APP).ensure(askConfirmation)
 
-    # -- parsing helpers (for the panel's text fields) -------------------------------------------------------
-    @staticmethod
-    def parseNumbers(text, kind=float, name="value") -> list:
-        """'64 64 64' or '64,64,64' -> [64, 64, 64]."""
-        if isinstance(text, (list, tuple)):
-            return [kind(v) for v in text]
-        parts = [p for p in re.split(r"[\s,;x]+", str(text).strip()) if p]
-        try:
-            return [kind(float(p)) if kind is int else kind(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"{name}: expected numbers separated by spaces, got {text!r}.") from None
+    # -- the request (slicer_support.training_request: parsing, checks, command line) ---------------------------
+    parseNumbers = staticmethod(training_request.parse_numbers)
+    parseHyperParameters = staticmethod(training_request.parse_hyper_parameters)
+    methodDefaults = staticmethod(training_request.method_defaults)
 
-    @staticmethod
-    def parseHyperParameters(text) -> dict:
-        """Method settings as ``key=value`` pairs separated by whitespace or new lines (``#`` starts a comment;
-        quote a value that contains spaces). Values are parsed as JSON when they parse (numbers, booleans,
-        lists), else kept as text: the rule of ``counterfactualva train --config``."""
-        if isinstance(text, dict):
-            return dict(text)
-        config = {}
-        for token in shlex.split(str(text or ""), comments=True):
-            key, sep, value = token.partition("=")
-            if not sep or not key.strip():
-                raise ValueError(f"Method settings: expected key=value, got {token!r} (one pair per line, e.g. ngf=32).")
-            try:
-                config[key.strip()] = json.loads(value)
-            except json.JSONDecodeError:
-                config[key.strip()] = value
-        return config
+    def buildCommand(self, csvPath, outputFolder, **arguments) -> list:
+        """The ``train`` command line (keywords as for train(), plus resume)."""
+        return training_request.build_command(self.pythonCommand(), csvPath, outputFolder, **arguments)
 
-    @staticmethod
-    def methodDefaults(method: str) -> dict:
-        """{"title", "config" (the method's hyper-parameters and defaults), "training" (batch size, ...)}.
-        Imports the method's code (torch)."""
-        if method not in METHODS:
-            raise ValueError(f"Unknown method {method!r}. Known methods: {', '.join(METHODS)}.")
-        from CounterfactualVALib.methods import get_method_class
-
-        cls = get_method_class(method)
-        return {"title": cls.title or method, "config": dict(cls.default_config), "training": dict(cls.training_defaults)}
-
-    # -- data ---------------------------------------------------------------------------------------------------
-    # -- training ---------------------------------------------------------------------------------------------
-    @staticmethod
-    def _checkWritable(outputFolder) -> str:
-        folder = os.path.abspath(str(outputFolder or ""))
-        if not str(outputFolder or "").strip() or str(outputFolder) == ".":
-            raise ValueError("No output folder: choose a folder for the run (checkpoint, log and model are written there).")
-        try:
-            os.makedirs(folder, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            raise ValueError(f"The output folder {folder} is not writable ({exc.strerror or exc}). Choose another folder.") from None
-        return folder
-
-    def buildCommand(self, csvPath, outputFolder, method="vantgan", steps=1000, batchSize=None, spatialDims=3, size=(64, 64, 64),
-                     spacing=(3.0, 3.0, 3.0), device="auto", config=None, resume=False, crop="foreground", intensity="percentile",
-                     orientation="RAS", seed=0, logEvery=None, valEvery=None, checkpointEvery=None) -> list:
-        command = [
-            self.pythonCommand(), "-m", "CounterfactualVACLI", "train",
-            "--method", method, "--data", str(csvPath), "--out", str(outputFolder), "--steps", str(int(steps)),
-            "--spatial-dims", str(int(spatialDims)), "--size", *[str(int(s)) for s in size],
-            "--spacing", *[repr(float(s)) for s in spacing], "--crop", crop, "--intensity", intensity,
-            "--device", device, "--seed", str(int(seed)),
-        ]
-        if int(spatialDims) == 3:
-            command += ["--orientation", orientation]
-        if batchSize:
-            command += ["--batch-size", str(int(batchSize))]
-        for flag, value in (("--log-every", logEvery), ("--val-every", valEvery), ("--checkpoint-every", checkpointEvery)):
-            if value:
-                command += [flag, str(int(value))]
-        for key, value in (config or {}).items():
-            command += ["--config", f"{key}={json.dumps(value)}"]
-        if resume:
-            command.append("--resume")
-        return command + ["--progress"]
-
-    def validate(self, csvPath, outputFolder, method, steps, batchSize, spatialDims, size, spacing, device, config, crop, intensity, resume, overwrite):
-        """Raise ValueError with what is wrong and what to do, before anything is launched. Returns the
-        absolute output folder."""
-        if method not in METHODS:
-            raise ValueError(f"Unknown method {method!r}. Known methods: {', '.join(METHODS)}.")
-        if device not in DEVICES:
-            raise ValueError(f"Unknown device {device!r}: use one of {', '.join(DEVICES)}.")
-        if crop not in CROPS:
-            raise ValueError(f"Unknown crop {crop!r}: use one of {', '.join(CROPS)}.")
-        if intensity not in INTENSITIES:
-            raise ValueError(f"Unknown intensity normalisation {intensity!r}: use one of {', '.join(INTENSITIES)}.")
-        if int(spatialDims) not in (2, 3):
-            raise ValueError(f"spatialDims must be 2 or 3, got {spatialDims!r}.")
-        if len(size) != int(spatialDims) or any(int(s) < 1 for s in size):
-            raise ValueError(f"The model grid size must be {spatialDims} positive numbers of voxels (x y{' z' if int(spatialDims) == 3 else ''}), got {list(size)}.")
-        if len(spacing) != int(spatialDims) or any(not float(s) > 0 for s in spacing):
-            raise ValueError(f"The model grid spacing must be {spatialDims} positive numbers (mm), got {list(spacing)}.")
-        if int(steps) < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}.")
-        if batchSize is not None and int(batchSize) < 1:
-            raise ValueError(f"batchSize must be at least 1 (or None for the method's default), got {batchSize}.")
-        if not csvPath or not os.path.isfile(str(csvPath)):
-            raise ValueError(
-                f"Cohort CSV not found: {csvPath or '(none given)'}. Give a CSV with columns path,label (label 0 = normal, 1 = abnormal), "
-                "or use datasetPreview(normalFolder=..., abnormalFolder=...) to write one from two folders."
-            )
-        folder = self._checkWritable(outputFolder)
-        checkpoint = os.path.join(folder, CHECKPOINT_NAME)
-        if resume and not os.path.isfile(checkpoint):
-            raise ValueError(f"Nothing to resume: {checkpoint} does not exist. Start a new run (resume=False), or choose the folder of the stopped run.")
-        existing = [name for name in (CHECKPOINT_NAME, MODEL_NAME) if os.path.isfile(os.path.join(folder, name))]
-        if not resume and not overwrite and existing:
-            raise ValueError(
-                f"{folder} already holds a training run ({', '.join(existing)}). Resume it (resume=True), choose another output "
-                "folder, or pass overwrite=True to start again."
-            )
-        if config:
-            try:
-                known = self.methodDefaults(method)["config"]
-            except ImportError:
-                known = None  # torch is not installed here; the training process will check
-            if known is not None:
-                unknown = sorted(set(config) - set(known))
-                if unknown:
-                    raise ValueError(f"{method}: unknown setting(s) {', '.join(unknown)}. Known: {', '.join(sorted(known)) or 'none'}.")
+    def validate(self, csvPath, outputFolder, method, steps, batchSize, spatialDims, size, spacing, device, config, crop, intensity, resume, overwrite, timeBudget=None):
+        """Raise ValueError with what is wrong and what to do, before anything is launched (the arguments, then
+        every file of the cohort). Returns the absolute output folder."""
+        folder = training_request.check_arguments(
+            csvPath, outputFolder, method, steps, batchSize, spatialDims, size, spacing, device, config, crop, intensity, resume, overwrite, timeBudget)
         preview = self.datasetPreview(csvPath=csvPath, spatialDims=int(spatialDims))
         if preview["problems"]:
             raise ValueError(" ".join(preview["problems"]))
@@ -598,13 +476,15 @@ class CounterfactualVATrainingLogic(DatasetPreviewMixin, TrainingLogMixin, _Logi
         overwrite: bool = False,
         recordModel: bool = True,
         timeout: float = None,
+        timeBudget: float = None,
     ):
         """Train ``method`` on the cohort CSV into ``outputFolder`` with ``counterfactualva train`` in a subprocess.
 
         size/spacing: the model grid (x y [z], voxels and mm); crop ("foreground" | "image") and intensity
         ("percentile" | "minmax" | "none"): the preprocessing, kept in the model file for inference. config: the
         method's hyper-parameters (see methodDefaults()). logEvery/valEvery/checkpointEvery: None = the command
-        line's defaults (10/100/100 steps). resume: continue the run in outputFolder from its checkpoint (same
+        line's defaults (10/100/100 steps). timeBudget: minutes of training after which the run stops with its best
+        validated model (None or 0: no limit; steps stays the upper bound and the learning-rate schedule). resume: continue the run in outputFolder from its checkpoint (same
         method, preprocessing and config; steps may grow).
 
         waitForCompletion=True: returns the model path (``<out>/model.safetensors``), or None when the run was
@@ -617,30 +497,17 @@ class CounterfactualVATrainingLogic(DatasetPreviewMixin, TrainingLogMixin, _Logi
         config = self.parseHyperParameters(config or {})
         size = self.parseNumbers(size, int, "size")
         spacing = self.parseNumbers(spacing, float, "spacing")
-        folder = self.validate(csvPath, outputFolder, method, steps, batchSize, spatialDims, size, spacing, device, config, crop, intensity, resume, overwrite)
-        missing = missing_requirements()
-        if missing:
-            raise RuntimeError(
-                f"Python packages missing: {describe_missing(missing)}. In Slicer click Start in the CounterfactualVATraining panel "
-                "(it offers to install them) or call CounterfactualVATrainingLogic().setupPythonRequirements()."
-            )
+        folder = self.validate(csvPath, outputFolder, method, steps, batchSize, spatialDims, size, spacing, device, config, crop, intensity, resume, overwrite, timeBudget)
+        check_installed("CounterfactualVATraining", "Start", "CounterfactualVATrainingLogic().setupPythonRequirements()")
         csvPath = os.path.abspath(str(csvPath))
         arguments = dict(
             csvPath=csvPath, outputFolder=folder, method=method, steps=int(steps), batchSize=batchSize, spatialDims=int(spatialDims),
             size=size, spacing=spacing, device=device, config=config, crop=crop, intensity=intensity, orientation=orientation,
-            seed=int(seed), logEvery=logEvery, valEvery=valEvery, checkpointEvery=checkpointEvery,
+            seed=int(seed), logEvery=logEvery, valEvery=valEvery, checkpointEvery=checkpointEvery, timeBudget=timeBudget or None,
         )
         command = self.buildCommand(resume=resume, **arguments)
-        self._writeRequest(folder, arguments, command)
-        if not resume:
-            # overwrite: the old run's files go to a replaced-<time> subfolder (never deleted), so the new run's
-            # table shows only its own rows and the command line finds no run to refuse
-            from CounterfactualVATrainingLib.runfolder import move_run_aside
-
-            move_run_aside(folder)
-        table, chart = self.logNodes(folder)
-        if table is not None and not resume:
-            self._clearLogNodes(table, chart)
+        training_request.write_request(folder, arguments, command)
+        table, chart = self.prepareLog(folder, resume)
 
         def onSuccess(process):
             if table is not None:
@@ -660,25 +527,13 @@ class CounterfactualVATrainingLogic(DatasetPreviewMixin, TrainingLogMixin, _Logi
         """Continue the stopped run in ``outputFolder`` with the settings it was started with (saved in
         ``<out>/CounterfactualVATraining.json``); ``steps``/``device`` may change. Other keyword arguments as
         for train() (progressCallback, logCallback, recordModel, timeout)."""
-        path = os.path.join(os.path.abspath(str(outputFolder)), REQUEST_NAME)
-        if not os.path.isfile(path):
-            raise ValueError(f"{outputFolder} holds no run started by this module ({REQUEST_NAME} is missing). Call train(..., resume=True) with the run's settings.")
-        with open(path, encoding="utf-8") as f:
-            arguments = json.load(f)["arguments"]
+        arguments = training_request.read_request(outputFolder)
         if steps:
             arguments["steps"] = int(steps)
         if device:
             arguments["device"] = device
         arguments.update(kwargs)
         return self.train(resume=True, waitForCompletion=waitForCompletion, **arguments)
-
-    @staticmethod
-    def _writeRequest(folder, arguments, command):
-        path = os.path.join(folder, REQUEST_NAME)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"arguments": arguments, "command": command}, f, indent=1)
-        os.replace(tmp, path)
 
     def recordModel(self, modelPath, **details) -> str:
         """Record a trained model where the CounterfactualVA module finds it: the JSON list of
@@ -703,7 +558,7 @@ class CounterfactualVATrainingTest(ScriptedLoadableModuleTest):
     polled like the panel's timer does. Runs in Slicer (Developer mode > Reload and Test) and under slicer-core
     (Testing/test_slicer_training_logic.py)."""
 
-    TINY_CONFIG = {"ngf": 8, "n_blocks": 2, "ndf": 8}
+    TINY_CONFIG = TINY_CONFIG
 
     def setUp(self):
         if hasattr(slicer, "mrmlScene"):
@@ -726,37 +581,5 @@ class CounterfactualVATrainingTest(ScriptedLoadableModuleTest):
         logic = CounterfactualVATrainingLogic(scene=self.scene)
         if logic.missingPythonPackages():  # under pytest/unittest only; runTest() checks first
             self.skipTest(f"missing Python packages: {logic.missingPythonPackages()}")
-        from CounterfactualVALib.slicer_support.testing import make_tiny_cohort
-
-        folder = tempfile.mkdtemp(prefix="CounterfactualVATrainingTest-")
-        try:
-            csvPath = make_tiny_cohort(os.path.join(folder, "data"), n=24, size=32, seed=0)
-            preview = logic.datasetPreview(csvPath=csvPath, spatialDims=2)
-            self.assertEqual(preview["problems"], [])
-            self.assertEqual(preview["counts"]["normal"] + preview["counts"]["abnormal"], 24)
-            out = os.path.join(folder, "tinyrun")
-            self.progress, self.log = [], []
-            steps = 3
-            process = logic.train(
-                csvPath, out, method="vantgan", steps=steps, spatialDims=2, size=(32, 32), spacing=(1, 1), crop="image",
-                intensity="minmax", device="cpu", config=self.TINY_CONFIG, logEvery=1, valEvery=steps, checkpointEvery=steps,
-                waitForCompletion=False, recordModel=False,
-                progressCallback=lambda *args: self.progress.append(args), logCallback=self.log.append,
-            )
-            deadline = time.monotonic() + 300
-            while not process.poll():
-                self.assertLess(time.monotonic(), deadline, "\n".join(self.log))
-                if qt is not None and hasattr(slicer, "app"):
-                    slicer.app.processEvents()
-                time.sleep(0.05)
-            self.process = process
-            self.assertEqual(process.returncode, 0, "\n".join(self.log))
-            self.assertTrue(os.path.isfile(process.modelPath))
-            self.assertEqual([p[1] for p in self.progress], list(range(1, steps + 1)))
-            self.assertEqual(process.tableNode.GetNumberOfRows(), steps)
-            series = [process.chartNode.GetNthPlotSeriesNode(i) for i in range(process.chartNode.GetNumberOfPlotSeriesNodes())]
-            self.assertIn("loss_g", [s.GetYColumnName() for s in series])
-            self.assertEqual(process.tableNode.GetAttribute(MODEL_PATH_ATTRIBUTE), process.modelPath)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        tiny_training_run(self, logic)
         self.delayDisplay("Test passed")

@@ -215,7 +215,8 @@ def test_model_header_is_read_without_torch():
         "import sys; sys.path.insert(0, 'CounterfactualVA');"
         "from CounterfactualVALib.slicer_support import model_file, option_form;"
         "m = model_file.read_model_metadata('samples/vantgan_phantom3d.safetensors');"
-        "option_form.option_specs_from_metadata(m); print(m['method'], model_file.describe_model(m)[:40]);"
+        "option_form.option_specs_for_model_file('samples/vantgan_phantom3d.safetensors'); option_form.form_for_model_file('samples/vantgan_phantom3d.safetensors');"
+        "print(m['method'], model_file.describe_model(m)[:40]);"
         "assert 'torch' not in sys.modules and 'safetensors' not in sys.modules and 'numpy' not in sys.modules, sorted(sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -269,11 +270,52 @@ def test_option_form_reads_specs_from_the_model_and_saves_changed_values_per_met
     assert option_form.OptionForm("icam", specs, "not json").values["samples"] == 20
 
 
-def test_option_form_of_a_model_without_listed_options():
-    metadata = model_file.read_model_metadata(SAMPLE_MODEL)
-    specs = option_form.option_specs_from_metadata(metadata)
-    assert specs == [] or all(s.name for s in specs)  # VANT-GAN takes no attribution options
-    assert option_form.option_specs_from_metadata({"method": "no-such-method"}) == []
+def test_option_form_of_a_model_without_listed_options(tmp_path):
+    assert option_form.option_specs_for_model_file(SAMPLE_MODEL) == []  # VANT-GAN takes no attribution options
+    unknown = write_header(tmp_path / "unknown.safetensors", {"method": "no-such-method"})
+    assert option_form.option_specs_for_model_file(unknown) == []  # the panel never asks the method registry
+
+
+def test_option_editors_fit_their_specs(tmp_path):
+    """What the panel builds per option row: the editor class, the range set before the value (Qt clamps a
+    value to the current range: QSpinBox's own default 0..99 would turn max_candidates=20000 into 99), the
+    decimals of a float, the choices, and the signal that reports an edit."""
+    from CounterfactualVALib.method_options import OptionSpec
+
+    specs = {s.name: s for s in option_form.option_specs_from_metadata({"method": "icam", "attribute_options": ICAM_OPTIONS})}
+    samples = option_form.editor_for(specs["samples"])
+    assert (samples.qt_class, samples.signal, samples.value_property) == ("QSpinBox", "valueChanged(int)", "value")
+    assert list(samples.properties.items()) == [("minimum", 1), ("maximum", 1000)]
+    direction = option_form.editor_for(specs["direction"])
+    assert direction.qt_class == "QComboBox" and direction.items == ["to_normal", "to_abnormal", "auto"]
+    assert direction.signal == "currentTextChanged(QString)" and option_form.editor_value(specs["direction"], "auto") == "auto"
+    lr = OptionSpec("inversion_lr", "float", 0.01, "Learning rate", "t", minimum=1e-6, maximum=10.0, step=0.001)
+    plan = option_form.editor_for(lr)
+    assert list(plan.properties) == ["decimals", "singleStep", "minimum", "maximum"] and plan.properties["decimals"] == 4
+    unbounded = option_form.editor_for(OptionSpec("n", "int", 5, "N", "t"))
+    assert unbounded.properties == {"minimum": -(2**31 - 1), "maximum": 2**31 - 1}
+    flag = OptionSpec("fast", "bool", False, "Fast", "t")
+    assert option_form.editor_for(flag).value_property == "checked" and option_form.editor_value(flag, 1) is True
+    for kind in option_form.EDITOR_CLASSES:  # every form type has an editor
+        assert option_form.editor_for(OptionSpec("x", kind, "a" if kind in ("str", "choice") else 0, "X", "t", choices=("a",) if kind == "choice" else ())).qt_class
+
+
+def test_options_form_for_a_model_file_says_why_it_has_no_rows(tmp_path):
+    model = write_header(tmp_path / "icam.safetensors", {"method": "icam", "attribute_options": ICAM_OPTIONS})
+    form, _message = option_form.form_for_model_file(str(model), json.dumps({"icam": {"samples": 9}}))
+    assert form.method == "icam" and form.values["samples"] == 9
+    form, message = option_form.form_for_model_file("")
+    assert form.specs == [] and "Select a model file" in message
+    form, message = option_form.form_for_model_file(str(tmp_path / "missing.safetensors"))
+    assert form.specs == [] and message.startswith("Options not available") and "not found" in message
+    assert model_file.model_info("") == "No model selected."
+    assert model_file.model_info(str(tmp_path / "missing.safetensors")).startswith("Model file not found")
+    assert model_file.model_info(str(SAMPLE_MODEL)).startswith("vantgan (3D), model grid")
+    older = write_header(tmp_path / "older.safetensors", {"method": "icam"})  # written before options were listed
+    form, message = option_form.form_for_model_file(str(older))
+    assert form.specs == [] and "does not list" in message and option_form.option_specs_for_model_file(older) == []
+    (tmp_path / "text.safetensors").write_text("hello")
+    assert model_file.model_info(str(tmp_path / "text.safetensors")).startswith("Not usable:")
 
 
 def test_sample_data_source_has_a_checksum_file_types_and_a_template_sized_thumbnail():

@@ -125,6 +125,7 @@ def test_command_parses_with_the_real_command_line_and_the_child_environment():
     command = logic.buildCommand(
         "/d/cohort.csv", "/runs/r", method="vagan", steps=7, batchSize=2, spatialDims=2, size=(32, 30), spacing=(1, 1.5),
         device="cpu", config=config, resume=True, crop="image", intensity="minmax", logEvery=1, valEvery=5, checkpointEvery=5,
+        timeBudget=12.5,
     )
     assert command[0] == sys.executable
     assert command[1:4] == ["-m", "CounterfactualVACLI", "train"]
@@ -134,9 +135,11 @@ def test_command_parses_with_the_real_command_line_and_the_child_environment():
     assert (args.spatial_dims, args.size, args.spacing, args.crop, args.intensity) == (2, [32, 30], [1.0, 1.5], "image", "minmax")
     assert (args.device, args.resume, args.log_every, args.val_every, args.checkpoint_every) == ("cpu", True, 1, 5, 5)
     assert _key_values(args.config) == config
+    assert args.time_budget == 12.5  # the panel's 'Time budget' (minutes)
     assert "--orientation" not in command  # 2D
     defaults = build_parser().parse_args(logic.buildCommand("c.csv", "o")[3:])
     assert defaults.batch_size is None and not defaults.resume and defaults.orientation == "RAS" and defaults.config is None
+    assert defaults.time_budget is None and "--time-budget" not in logic.buildCommand("c.csv", "o", timeBudget=0)  # 0: no limit
 
     env = logic.childEnvironment("cpu")
     folders = env["PYTHONPATH"].split(os.pathsep)
@@ -152,7 +155,7 @@ def test_command_parses_with_the_real_command_line_and_the_child_environment():
 
 def test_progress_lines_and_panel_text_are_parsed():
     from CounterfactualVALib.slicer_support.process import parse_progress
-    from CounterfactualVALib.slicer_support.training_process import parse_step
+    from CounterfactualVATrainingLib.slicer_support.training_process import parse_step
 
     line = "PROGRESS 0.167 step 1/6 loss_g=15.06 loss_gan=2.747 val_ncc=0.05 val_score=-1e-3"
     fraction, text = parse_progress(line)
@@ -174,6 +177,28 @@ def test_progress_lines_and_panel_text_are_parsed():
         logic.parseNumbers("64 big", int, "size")
     defaults = logic.methodDefaults("vantgan")
     assert defaults["title"] == "VANT-GAN" and "ngf" in defaults["config"]
+
+
+def test_panel_fields_reach_the_command_line_unchanged():
+    """What Start does with the panel's fields (defaults of the parameter node, as the .ui shows them, with a
+    time budget and method settings typed in): train() keywords whose command the real parser reads back."""
+    from types import SimpleNamespace
+
+    from CounterfactualVACLI.cli import _key_values, build_parser
+    from CounterfactualVATrainingLib.slicer_support import training_process, training_request
+
+    panel = SimpleNamespace(method="vagan", steps=250, batchSize=0, spatialDims=3, size="48 56 48", spacing="2.5, 2.5, 2.5",
+                            crop="foreground", intensity="percentile", device="cpu", hyperParameters="lambda_l1=29\nchannels=[8,16]",
+                            timeBudgetMinutes=45.0)
+    arguments = training_request.panel_train_arguments(panel)
+    assert arguments["batchSize"] is None and arguments["timeBudget"] == 45.0
+    args = build_parser().parse_args(CounterfactualVATrainingLogic().buildCommand("c.csv", "/runs/r", **arguments)[3:])
+    assert (args.method, args.steps, args.batch_size, args.size, args.spacing) == ("vagan", 250, None, [48, 56, 48], [2.5, 2.5, 2.5])
+    assert args.time_budget == 45.0 and _key_values(args.config) == {"lambda_l1": 29, "channels": [8, 16]}
+    panel.timeBudgetMinutes = 0.0  # the spin box's 'no limit'
+    assert training_request.panel_train_arguments(panel)["timeBudget"] is None
+    shown = training_process.live_values_text({"loss_g": 1.23456, "val_ncc": 0.5, "step_seconds": 2.0, "loss_d": 0.1})
+    assert shown == "loss_g 1.235   loss_d 0.1   val_ncc 0.5"
 
 
 # --- dataset preview ----------------------------------------------------------------------------------------
@@ -305,6 +330,8 @@ def test_train_refuses_bad_input_before_launching(cohort, tmp_path, scene, monke
         train(size=(32, 32, 32))
     with pytest.raises(ValueError, match="Unknown device"):
         train(device="gpu")
+    with pytest.raises(ValueError, match="timeBudget must be a number of minutes"):
+        train(timeBudget=-1)
     (out / "checkpoint.pt").write_bytes(b"")
     with pytest.raises(ValueError, match="already holds a training run .*overwrite=True"):
         train()
@@ -355,7 +382,7 @@ def test_stop_writes_a_checkpoint_and_resume_finishes(cohort, tmp_path, scene, m
     progress, log = [], []
     process = logic.train(
         cohort, out, **GRID_2D, steps=500, logEvery=1, valEvery=500, checkpointEvery=500, waitForCompletion=False,
-        progressCallback=lambda *a: progress.append(a), logCallback=log.append,
+        progressCallback=lambda *a: progress.append(a), logCallback=log.append, timeBudget=30,  # minutes: never reached
     )
     deadline = time.monotonic() + 240
     while process.step < 1:
@@ -401,6 +428,7 @@ def test_stop_writes_a_checkpoint_and_resume_finishes(cohort, tmp_path, scene, m
         logic.train(cohort, out, **GRID_2D, steps=1)
     request = json.loads((out / "CounterfactualVATraining.json").read_text())
     assert request["arguments"]["config"] == TINY and request["command"][-1] == "--progress"
+    assert request["arguments"]["timeBudget"] == 30 and request["command"][request["command"].index("--time-budget") + 1] == "30.0"
 
 
 def fake_python(tmp_path, name, body):
@@ -504,6 +532,7 @@ def test_ui_widgets_and_module_code_agree():
     # typed text); a QTextEdit would get Slicer's unguarded connector, so none may be bound
     kinds = {
         "ctkPathLineEdit": r"^str$", "QComboBox": r"Choice\(", "QLineEdit": r"^str$", "QPlainTextEdit": r"^str$", "QSpinBox": r"^Annotated\[int, WithinRange",
+        "QDoubleSpinBox": r"^Annotated\[float, WithinRange",
     }
     assert "QTextEdit" not in {widgets[name] for name in bound}
     for name, parameter in bound.items():

@@ -1,19 +1,26 @@
-"""The attribution run of the CounterfactualVA module, without Qt: input checks and the child process.
+"""The attribution run of the CounterfactualVA module, without Qt: input checks, the command, the child
+process, and a batch over several volumes.
 
 :class:`AttributionProcess` wraps a :class:`~.process.ProcessRunner` running ``CounterfactualVACLI attribute``
-and turns its end into new nodes (through the module logic's ``loadResults``), an error, or a CPU rerun.
+and turns its end into new nodes (through the module logic's ``loadResults``), an error, or a CPU rerun;
+:func:`start_attribution` writes the input volume and starts one; :func:`run_batch` runs one per volume and
+fills the summary table.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
+import tempfile
 import time
 
 from .. import metrics, slicer_nodes
 from ..devices import DEVICES
-from .process import ProcessRunner, cpu_fallback, looks_like_gpu_problem
+from . import results
+from .option_form import option_text
+from .process import CLI_MODULE, ProcessRunner, cpu_fallback, looks_like_gpu_problem
 from .settings import path_text
 
 THRESHOLD_RULES = tuple(metrics.THRESHOLD_RULES)
@@ -43,6 +50,88 @@ def validate(inputVolumeNode, modelPath, device="auto", thresholdRule="paper", t
         if value != value or value < 0:
             raise ValueError(f"Threshold value must be a non-negative number, got {thresholdValue!r}.")
 
+
+def build_command(python, modelPath, inputPath, outDir, device="auto", thresholdRule="paper", thresholdValue=None, methodOptions=None) -> list:
+    """``python -m CounterfactualVACLI attribute ... --progress`` with the method options as ``--option key=value``."""
+    command = [
+        python, "-m", CLI_MODULE, "attribute", "--model", str(modelPath), "--input", str(inputPath), "--out", str(outDir),
+        "--device", device, "--threshold-rule", thresholdRule,
+    ]
+    if thresholdValue is not None:
+        command += ["--threshold-value", repr(float(thresholdValue))]
+    for key, value in (methodOptions or {}).items():  # e.g. ICAM {"samples": 20}, medXGAN {"inversion_steps": 500}
+        command += ["--option", f"{key}={option_text(value)}"]
+    return command + ["--progress"]
+
+
+def start_attribution(logic, inputVolumeNode, modelPath, device, thresholdRule, thresholdValue, methodOptions, loadOptions,
+                      progressCallback=None, logCallback=None, cpuFallback=True, tempBase=None, worker=None):
+    """Write the input volume (NRRD) into a new temporary folder under `tempBase` and start the attribution on it:
+    a request to the warm `worker` (an attribution_worker.AttributionWorker) when one is given, else the command
+    line in a new process. The folder is deleted when the run ends, fails or is cancelled (and here when
+    starting fails). Returns the running AttributionProcess / WorkerAttributionProcess."""
+    tempDir = tempfile.mkdtemp(prefix="CounterfactualVA-", dir=tempBase)
+    try:
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", inputVolumeNode.GetName()).strip("._") or "input"
+        inputPath = slicer_nodes.write_volume(inputVolumeNode, os.path.join(tempDir, f"{stem}.nrrd"))
+        outDir = os.path.join(tempDir, "output")
+        modelPath = os.path.abspath(str(modelPath))
+        if worker is not None:
+            from .attribution_worker import WorkerAttributionProcess
+
+            # Outputs read back at once: uncompressed NRRD (compression would cost more than the whole run).
+            request = {
+                "command": "attribute", "model": modelPath, "input": inputPath, "out": outDir, "device": device,
+                "threshold_rule": thresholdRule, "threshold_value": None if thresholdValue is None else float(thresholdValue),
+                "method_options": dict(methodOptions or {}), "compress": False,
+            }
+            process = WorkerAttributionProcess(
+                logic, inputVolumeNode, worker, request, tempDir, outDir, device, loadOptions, progressCallback, logCallback, cpuFallback)
+        else:
+            command = logic.buildCommand(modelPath, inputPath, outDir, device, thresholdRule, thresholdValue, methodOptions)
+            process = AttributionProcess(
+                logic, inputVolumeNode, command, logic.childEnvironment(device), tempDir, outDir, device, loadOptions,
+                progressCallback, logCallback, cpuFallback,
+            )
+        process.start()
+        return process
+    except BaseException:
+        shutil.rmtree(tempDir, ignore_errors=True)
+        raise
+
+
+def run_batch(run, inputVolumeNodes, modelPath, progressCallback=None, logCallback=None, tableNode=None, **runOptions):
+    """``run(volume, modelPath, ...)`` (the logic's blocking run) on each volume in turn, one row per volume in the
+    summary table; a failing volume is a row with its error and does not stop the batch. Returns (table, results)."""
+    if "waitForCompletion" in runOptions:
+        raise TypeError("runOnVolumes always waits for each run; do not pass waitForCompletion.")
+    volumes = [node for node in inputVolumeNodes if node is not None]
+    if not volumes:
+        raise ValueError("No input volumes: select at least one scalar volume.")
+    scene = volumes[0].GetScene()
+    if scene is None:
+        raise ValueError(f"'{volumes[0].GetName()}' is not in a scene: add it to the scene first.")
+    tableNode = results.start_batch_table(scene, tableNode)
+    runs = []
+    for index, volume in enumerate(volumes):
+        name = volume.GetName() if volume.GetName() is not None else "(unnamed)"
+
+        def forward(fraction, stage, _index=index, _name=name):
+            if progressCallback:
+                progressCallback((_index + fraction) / len(volumes), f"[{_index + 1}/{len(volumes)}] {_name}: {stage}")
+
+        try:
+            result = run(volume, modelPath, waitForCompletion=True, progressCallback=forward, logCallback=logCallback, **runOptions)
+        except Exception as exc:
+            runs.append(None)
+            results.add_batch_row(tableNode, results.batch_row(name, error=exc))
+            (logCallback or print)(f"{name}: ERROR: {exc}")
+        else:
+            runs.append(result)
+            results.add_batch_row(tableNode, results.batch_row(name, result))
+    if progressCallback:
+        progressCallback(1.0, "Done")
+    return tableNode, runs
 
 
 class AttributionProcess:

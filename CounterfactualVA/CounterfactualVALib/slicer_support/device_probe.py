@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from .process import ProcessRunner
 from .requirements import installed_version
@@ -74,6 +75,16 @@ class DeviceProbe:
             elif self.answer.get("torch"):
                 _CACHE[self.key] = self.answer
         return describe(self.answer)
+
+    def wait(self, timeout: float = 60.0) -> str:
+        """Block until the answer is there (console use); after `timeout` seconds stop asking and say so."""
+        deadline = time.monotonic() + timeout
+        while (line := self.poll()) is None:
+            if time.monotonic() > deadline:
+                self.cancel()
+                return "The compute device could not be detected (no answer)."
+            time.sleep(0.05)
+        return line
 
     def cancel(self) -> None:
         if self._runner is not None:

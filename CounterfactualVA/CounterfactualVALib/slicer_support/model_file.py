@@ -69,3 +69,18 @@ def describe_model(metadata: dict) -> str:
         f"{training.get('data_summary', 'unknown data')}."
     )
     return text + (f" Outputs: {', '.join(outputs)}." if outputs else "")
+
+
+def model_info(path) -> str:
+    """The panel's paragraph about the model file at `path` (from its header only), or what is wrong with it."""
+    from .settings import path_text
+
+    path = path_text(path)
+    if not path:
+        return "No model selected."
+    if not os.path.isfile(path):
+        return f"Model file not found: {path}"
+    try:
+        return describe_model(read_model_metadata(path))
+    except ValueError as exc:
+        return f"Not usable: {exc}"

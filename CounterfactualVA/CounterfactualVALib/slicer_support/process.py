@@ -63,6 +63,21 @@ def python_executable(override: str | None = None, in_slicer: bool = False) -> s
     return sys.executable
 
 
+def library_folders(packages) -> list[str]:
+    """The folders that hold the named packages (what goes on the child's PYTHONPATH), found by the import
+    system without importing them; a package not found adds nothing."""
+    import importlib.util
+
+    folders = []
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        for location in list(spec.submodule_search_locations or []) if spec is not None else []:
+            folder = os.path.dirname(os.path.abspath(location))
+            if folder not in folders:
+                folders.append(folder)
+    return folders
+
+
 def child_environment(library_folders: list[str], device: str = "auto", base: dict | None = None) -> dict:
     """Environment of the child: `base` (Slicer's startup environment, so that the PythonSlicer launcher sets
     up its own paths; default: this process's), the library folders first on PYTHONPATH, unbuffered UTF-8

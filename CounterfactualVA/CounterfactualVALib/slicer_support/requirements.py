@@ -90,6 +90,15 @@ def describe_missing(missing: list[tuple[Requirement, str]]) -> str:
     return ", ".join(f"{r} ({why})" for r, why in missing)
 
 
+def check_installed(panel: str, button: str, console: str) -> None:
+    """RuntimeError naming what is missing and how to install it (the `button` of the `panel`, or the `console`
+    call), before a child process is launched that would fail on it."""
+    missing = missing_requirements()
+    if missing:
+        raise RuntimeError(f"Python packages missing: {describe_missing(missing)}. In Slicer click {button} in the {panel} panel "
+                           f"(it offers to install them) or call {console}.")
+
+
 class DependencyHandler:
     """Installs what the requirements file lists into Slicer's Python, asking first. One per module call.
 

@@ -44,3 +44,18 @@ def sample_data_source(moduleDir: str) -> dict | None:
         nodeNames="phantom_atrophy", checksums=f"SHA256:{digest}", loadFileTypes="VolumeFile",
         thumbnailFileName=thumbnail if os.path.isfile(thumbnail) else None,
     )
+
+
+def register_sample_data(moduleDir: str) -> bool:
+    """Add the shipped phantom to Slicer's Sample Data module (category 'CounterfactualVA'); True when done
+    (False without the scan or outside the application). The model is not a scene node: the panel offers it
+    as the default model."""
+    source = sample_data_source(moduleDir)
+    if source is None:
+        return False
+    try:
+        import SampleData
+    except ImportError:
+        return False
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(**source)
+    return True

@@ -97,3 +97,76 @@ def make_tiny_cohort(folder, n: int = 24, size: int = 32, seed: int = 0) -> str:
         sitk.WriteImage(sitk.GetImageFromArray(difference), mask)
         rows.append({"path": path, "label": label, "mask": mask})
     return str(write_cohort_csv(os.path.join(folder, "cohort.csv"), rows))
+
+
+def attribution_end_to_end(test, logic, scene):
+    """The attribution panel's path, checked with `test`'s assertions (a unittest.TestCase: the module's
+    self-test): an oblique volume under a linear transform, in a subject-hierarchy folder, run without
+    blocking and polled like the widget's timer does, with a segmentation. Leaves ``test.process``,
+    ``test.result``, ``test.inputNode``, ``test.shFolder``, ``test.progress`` and ``test.log`` for callers."""
+    import os
+    import shutil
+    import tempfile
+    import time
+
+    import numpy as np
+
+    from .. import slicer_nodes
+    from .framework import qt
+
+    folder = tempfile.mkdtemp(prefix="CounterfactualVATest-")
+    try:
+        model = test.makeTinyModel(os.path.join(folder, "tiny.safetensors"))  # the test class's makers (a suite may swap them)
+        inputNode = test.makeObliqueVolume(scene)
+        transformNode = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "SelfTestRegistration")
+        transform = vtk.vtkTransform()
+        transform.RotateY(11)
+        transform.Translate(4.5, -3.25, 9.0)
+        transformNode.SetMatrixTransformToParent(transform.GetMatrix())
+        inputNode.SetAndObserveTransformNodeID(transformNode.GetID())
+        sh = scene.GetSubjectHierarchyNode()
+        shFolder = sh.CreateFolderItem(sh.GetSceneItemID(), "SelfTestScans")
+        if sh.GetItemByDataNode(inputNode):
+            sh.SetItemParent(sh.GetItemByDataNode(inputNode), shFolder)
+        else:
+            sh.CreateItem(shFolder, inputNode)
+        before = slicer_nodes.node_state(inputNode)
+        test.progress, test.log = [], []
+
+        process = logic.run(
+            inputNode, model, device="cpu", thresholdRule="percentile", thresholdValue=95, opacity=0.5,
+            createSegmentation=True, waitForCompletion=False,
+            progressCallback=lambda f, stage: test.progress.append((f, stage)), logCallback=test.log.append,
+        )
+        deadline = time.monotonic() + 300
+        while not process.poll():
+            test.assertLess(time.monotonic(), deadline, "\n".join(test.log))
+            if qt is not None and hasattr(slicer, "app"):
+                slicer.app.processEvents()
+            time.sleep(0.05)
+        result = process.result
+        test.process, test.result, test.inputNode, test.shFolder = process, result, inputNode, shFolder
+
+        test.assertEqual(
+            [node.GetName() for node in result.nodes()],
+            ["SelfTestMRI counterfactual", "SelfTestMRI attribution", "SelfTestMRI attribution mask", "SelfTestMRI attribution segmentation"],
+        )
+        for node in (result.counterfactual, result.attribution, result.mask):
+            test.assertTrue(slicer_nodes.same_world_geometry(node, inputNode), node.GetName())
+            test.assertTrue(slicer_nodes.matrices_equal(slicer_nodes.world_ijk_to_ras(node), slicer_nodes.world_ijk_to_ras(inputNode)))
+            test.assertEqual(sh.GetItemParent(sh.GetItemByDataNode(node)), shFolder)
+            test.assertTrue(node.GetAttribute(slicer_nodes.DESCRIPTION_ATTRIBUTE))
+        test.assertEqual(result.segmentation.GetTransformNodeID(), transformNode.GetID())
+        test.assertEqual(result.segmentation.GetSegmentation().GetNumberOfSegments(), 1)
+        mask = slicer.util.arrayFromVolume(result.mask)
+        test.assertTrue(set(np.unique(mask)) <= {0, 1} and mask.any())
+        display = result.attribution.GetDisplayNode()
+        test.assertTrue(display.GetColorNode().GetName().startswith(slicer_nodes.DIVERGING_COLOR_NODE_NAME))
+        test.assertEqual(display.GetLevel(), 0.0)
+        fractions = [f for f, _ in test.progress]
+        test.assertEqual(fractions, sorted(fractions))
+        test.assertEqual(fractions[-1], 1.0)
+        test.assertFalse(os.path.exists(process.tempDir))
+        test.assertEqual(slicer_nodes.node_state(inputNode), before)  # the input is untouched
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

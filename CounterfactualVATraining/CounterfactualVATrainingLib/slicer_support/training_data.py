@@ -15,9 +15,10 @@ import tempfile
 import slicer
 import vtk
 
+from CounterfactualVALib.run_files import LOG_NAME
+
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 COHORT_CSV_NAME = "cohort.csv"
-LOG_NAME = "log.csv"
 MODEL_PATH_ATTRIBUTE = "CounterfactualVA.ModelPath"
 RUN_FOLDER_ATTRIBUTE = "CounterfactualVATraining.RunFolder"
 #: plot colours of the loss series (slicer-core scenes have no colour tables for SetUniqueColor)
@@ -77,7 +78,7 @@ class DatasetPreviewMixin:
         column, or the split training will make), "splitSource": "csv" | "automatic", "problems": [messages
         that say what to do], "unreadable": [paths], "csv": the cohort CSV path or None}.
         """
-        from CounterfactualVATrainingLib.cohort import read_cohort_csv, stratified_split, write_cohort_csv
+        from CounterfactualVALib.cohort import read_cohort_csv, stratified_split, write_cohort_csv
         from CounterfactualVALib.imageio import InputError
 
         preview = {"counts": {"normal": 0, "abnormal": 0}, "splits": {}, "splitSource": None, "problems": [], "unreadable": [], "csv": None}
@@ -233,6 +234,19 @@ class TrainingLogMixin:
             chart.SetYAxisTitle("loss")
             chart.SetAttribute(RUN_FOLDER_ATTRIBUTE, folder)
             table.SetAttribute("CounterfactualVATraining.ChartNodeID", chart.GetID())
+        return table, chart
+
+    def prepareLog(self, outputFolder, resume: bool) -> tuple:
+        """The run's (table, chart) nodes before its process starts: a resumed run continues them; a new run in a
+        folder that held one starts empty, and the old run's files go to a replaced-<time> subfolder (never
+        deleted), so the table shows only the new run's rows and the command line finds no run to refuse."""
+        if not resume:
+            from CounterfactualVATrainingLib.runfolder import move_run_aside
+
+            move_run_aside(outputFolder)
+        table, chart = self.logNodes(outputFolder)
+        if table is not None and not resume:
+            self._clearLogNodes(table, chart)
         return table, chart
 
     @staticmethod

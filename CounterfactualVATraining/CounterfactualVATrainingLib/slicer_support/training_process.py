@@ -16,14 +16,19 @@ import shlex
 import tempfile
 import time
 
+from CounterfactualVALib.run_files import CHECKPOINT_NAME, LOG_NAME, MODEL_NAME
 from CounterfactualVALib.slicer_support.process import ProcessRunner
-from .training_data import LOG_NAME
 
-CHECKPOINT_NAME = "checkpoint.pt"  # CounterfactualVATrainingLib.loop.CHECKPOINT_NAME (checked by the tests)
-MODEL_NAME = "model.safetensors"  # CounterfactualVATrainingLib.loop.MODEL_NAME
 #: exit code of `counterfactualva train` when it was stopped with a checkpoint (resumable)
 EXIT_STOPPED = 3
 _PROGRESS_TEXT = re.compile(r"^step\s+(\d+)/(\d+)\s*(.*)$")
+
+
+def live_values_text(values: dict) -> str:
+    """The panel's line of live values: the losses, then the validation figures (kept until the next validation)."""
+    shown = [f"{k} {v:.4g}" for k, v in values.items() if k.startswith("loss")]
+    shown += [f"{k} {v:.4g}" for k, v in values.items() if k in ("val_ncc", "val_dice", "val_score")]
+    return "   ".join(shown)
 
 
 def trainedModelsFile() -> str:
