@@ -46,7 +46,8 @@ from CounterfactualVALib.slicer_support.framework import (  # noqa: E402  (stand
     translate,
 )
 from CounterfactualVALib.slicer_support.model_file import model_info, read_model_metadata  # noqa: E402
-from CounterfactualVALib.slicer_support.option_form import OptionForm, option_specs_for_model_file  # noqa: E402
+from CounterfactualVALib.slicer_support.option_form import option_specs_for_model_file  # noqa: E402
+from CounterfactualVALib.slicer_support.option_rows import OptionRows  # noqa: E402
 from CounterfactualVALib.slicer_support.requirements import DependencyHandler, check_installed, missing_requirements  # noqa: E402
 from CounterfactualVALib.slicer_support.results import CounterfactualVAResult  # noqa: E402,F401  (part of the console API)
 
@@ -164,8 +165,7 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
         self._timer = None
         self._deviceProbe = None
         self._lastStage = None
-        self._optionForm = OptionForm(None, [])
-        self._optionRows = []  # (spec, label, editor) of the method options form
+        self._optionRows = None  # slicer_support.option_rows.OptionRows (made in setup)
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -175,8 +175,9 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self._updateModelInfo)
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self._onOpacityChanged)
         self.ui.colorMapComboBox.connect("currentIndexChanged(int)", self._onPaletteChanged)
-        self.ui.showAdvancedOptionsCheckBox.connect("toggled(bool)", self._showAdvancedOptions)
-        self.ui.resetOptionsButton.connect("clicked(bool)", self._resetMethodOptions)
+        self._optionRows = OptionRows(self.ui.methodOptionsFormWidget.layout(), self._saveMethodOptions, self._addLog)
+        self.ui.showAdvancedOptionsCheckBox.connect("toggled(bool)", self._optionRows.show_advanced)
+        self.ui.resetOptionsButton.connect("clicked(bool)", lambda checked=False: self._optionRows.reset())
         self.ui.progressBar.hide()
         # The device line is asked of the child's Python (torch is never imported here); the timer reads it.
         self._deviceProbe = self.logic.deviceProbe()
@@ -234,58 +235,20 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
         self.ui.modelInfoLabel.text = self.logic.modelInfo(path) if path else _("Select a model file (.safetensors).")
         self._rebuildMethodOptions(path)
 
-    # -- method options: one form row per option of the model's method (values: slicer_support.option_form) --
+    # -- method options: one form row per option of the model's method (slicer_support.option_form/option_rows) --
     def _rebuildMethodOptions(self, path):
-        layout = self.ui.methodOptionsFormWidget.layout()
-        for _spec, label, editor in self._optionRows:
-            layout.removeWidget(label)
-            layout.removeWidget(editor)
-            label.deleteLater()
-            editor.deleteLater()
-        self._optionRows = []
         saved = self._parameterNode.methodOptionValues if self._parameterNode else ""
-        self._optionForm, message = option_form.form_for_model_file(path, saved)
+        form, message = option_form.form_for_model_file(path, saved)
+        self._optionRows.show(form)
         self.ui.methodOptionsLabel.text = message
-        self.ui.methodOptionsLabel.visible = not self._optionForm.specs
-        for spec in self._optionForm.specs:
-            label = qt.QLabel(spec.label + ":")
-            editor = self._optionEditor(spec, self._optionForm.values[spec.name])
-            label.toolTip = editor.toolTip = spec.tooltip
-            layout.addRow(label, editor)
-            self._optionRows.append((spec, label, editor))
-        self.ui.showAdvancedOptionsCheckBox.visible = bool(self._optionForm.advanced_names)
-        self.ui.resetOptionsButton.visible = bool(self._optionForm.specs)
-        self._showAdvancedOptions(self.ui.showAdvancedOptionsCheckBox.checked)
+        self.ui.methodOptionsLabel.visible = not form.specs
+        self.ui.showAdvancedOptionsCheckBox.visible = bool(form.advanced_names)
+        self.ui.resetOptionsButton.visible = bool(form.specs)
+        self._optionRows.show_advanced(self.ui.showAdvancedOptionsCheckBox.checked)
 
-    def _optionEditor(self, spec, value):
-        """The Qt editor of one OptionSpec (as option_form.editor_for describes it), showing `value`."""
-        plan = option_form.editor_for(spec)
-        editor = getattr(qt, plan.qt_class)()
-        if plan.items:
-            editor.addItems(plan.items)
-        for name, setting in plan.properties.items():
-            setattr(editor, name, setting)
-        setattr(editor, plan.value_property, option_form.editor_value(spec, value))
-        editor.connect(plan.signal, lambda value, name=spec.name: self._onOptionEdited(name, value))
-        return editor
-
-    def _onOptionEdited(self, name, value):
-        try:
-            self._optionForm.set(name, value)
-        except ValueError as exc:
-            self._addLog(str(exc))
-            return
+    def _saveMethodOptions(self, text):
         if self._parameterNode:  # saved with the scene, per method
-            self._parameterNode.methodOptionValues = self._optionForm.saved_text()
-
-    def _showAdvancedOptions(self, show):
-        for spec, label, editor in self._optionRows:
-            label.visible = editor.visible = bool(show) or not spec.advanced
-
-    def _resetMethodOptions(self):
-        self._optionForm.reset()
-        for spec, _label, editor in self._optionRows:
-            setattr(editor, option_form.editor_for(spec).value_property, option_form.editor_value(spec, spec.default))
+            self._parameterNode.methodOptionValues = text
 
     def _onOpacityChanged(self, value):
         if self._result is not None:
@@ -332,7 +295,7 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
                 p.inputVolume, p.modelPath, device=p.device, thresholdRule=p.thresholdRule,
                 thresholdValue=p.thresholdValue if p.thresholdValue > 0 else None, opacity=p.opacity,
                 createSegmentation=p.createSegmentation, transparentBelowThreshold=p.transparentBelowThreshold,
-                palette=p.colorMap, methodOptions=self._optionForm.options(), waitForCompletion=False,
+                palette=p.colorMap, methodOptions=self._optionRows.form.options(), waitForCompletion=False,
                 progressCallback=self._onProgress, logCallback=self._addLog,
             )
             self.ui.progressBar.value = 0
@@ -362,11 +325,8 @@ class CounterfactualVAWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWid
             result = self._process.result
             self._finishProcess()
             self._result = result
-            summary = result.summary
-            self._addLog(_("Done on {device} in {seconds:.1f} s.").format(device=summary.device, seconds=summary.timings_s.get("total", 0.0)))
-            for name, value in summary.scalars.items():
-                self._addLog(f"{name}: {value:.4g}")
-            self._addLog(_("Created: ") + ", ".join(node.GetName() for node in result.nodes()))
+            for line in results.finished_lines(result):
+                self._addLog(line)
 
     def _finishProcess(self):
         self._process = None
@@ -556,10 +516,7 @@ class CounterfactualVALogic(_LogicBase):
     @staticmethod
     def setOpacity(result: CounterfactualVAResult, opacity: float) -> int:
         """Foreground opacity of the slice views that show this result's attribution map."""
-        node = result.attribution
-        if node is None or node.GetScene() is None:
-            return 0
-        return slicer_nodes.set_foreground_opacity(node.GetScene(), node, opacity)
+        return results.set_opacity(result, opacity)
 
 
 #

@@ -284,6 +284,10 @@ def test_fixture_outputs_become_new_nodes_on_the_input_grid(scene, tmp_path):
     assert result.extras["attention"].GetName() == "T1 attention"
     assert result["summary"].scalars["class_probability"] == 0.93
     assert result.segmentation is None
+    from CounterfactualVALib.slicer_support.results import finished_lines
+
+    lines = finished_lines(result)  # what the panel logs when the run ends
+    assert "class_probability: 0.93" in lines and lines[-1].startswith("Created: T1 counterfactual, T1 attribution, T1 attribution mask")
     for new in result.nodes():
         assert_same_grid(new, node)
         assert new.GetAttribute(slicer_nodes.DESCRIPTION_ATTRIBUTE)

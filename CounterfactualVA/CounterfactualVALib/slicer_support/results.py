@@ -226,3 +226,19 @@ def add_batch_row(tableNode, row: dict) -> None:
         table.GetColumn(columnIndex).SetValue(rowIndex, text(row.get(column)))
     table.Modified()
     tableNode.Modified()
+
+
+def set_opacity(result: CounterfactualVAResult, opacity: float) -> int:
+    """Foreground opacity of the slice views that show this result's attribution map; returns how many."""
+    node = result.attribution
+    if node is None or node.GetScene() is None:
+        return 0
+    return slicer_nodes.set_foreground_opacity(node.GetScene(), node, opacity)
+
+
+def finished_lines(result: CounterfactualVAResult) -> list[str]:
+    """The panel's log lines for a finished run: device and time, the method's scalars, the nodes made."""
+    summary = result.summary
+    lines = [f"Done on {summary.device} in {summary.timings_s.get('total', 0.0):.1f} s."]
+    lines += [f"{name}: {value:.4g}" for name, value in summary.scalars.items()]
+    return lines + ["Created: " + ", ".join(node.GetName() for node in result.nodes())]
