@@ -186,12 +186,23 @@ def train_models(protocol: dict, csv_path: Path, out: Path, device: str, jobs: i
     for name, spec in specs.items():
         timing_file = files[name].parent / "protocol_timing.json"
         training = read_metadata(files[name]).training
+        log = files[name].parent / "log.csv"
+        trained_steps = trained_minutes = None
+        if log.is_file():  # the model file records its selected step; the log how far training went
+            import csv
+
+            with open(log) as f:
+                rows = list(csv.DictReader(f))
+            if rows:
+                trained_steps = int(rows[-1]["step"])
+                if rows[-1].get("elapsed_seconds"):
+                    trained_minutes = round(float(rows[-1]["elapsed_seconds"]) / 60, 1)
         summaries[name] = {
             "method": spec["method"],
-            "steps": training.get("steps", int(spec["steps"])),
+            "steps": trained_steps or int(spec["steps"]),
             "selected_step": training.get("selected_step"),
             "device": training.get("device"),
-            "training_minutes": training.get("training_minutes"),
+            "training_minutes": trained_minutes,
             "wall_s": json.loads(timing_file.read_text())["wall_s"] if timing_file.is_file() else None,
         }
     return files, summaries
@@ -355,7 +366,7 @@ def _hardware(device) -> str:
 
 def write_report(protocol: dict, report: dict, path: Path) -> None:
     lines = [f"# {protocol['name']}", "", f"Scale: **{protocol.get('scale', 'paper')}**. {protocol.get('description', '')}".rstrip(), ""]
-    lines += [f"Hardware: {report['hardware']}; total wall time {report['wall_s'] / 60:.1f} min.", ""]
+    lines += [f"Hardware: {report['hardware']}; wall time of this protocol run {report['wall_s'] / 60:.1f} min (models reused from an earlier run are not counted: see the training table).", ""]
     lines += ["| row | n | Dice | IoU | NCC | Dice (val thr) | IoU (val thr) | CF called normal | perturbation drop | paper Dice / IoU |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         v = r.get("validation_threshold", {})
@@ -382,9 +393,10 @@ def write_report(protocol: dict, report: dict, path: Path) -> None:
     if report["targets"]:
         lines += ["", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in report["targets"]]
-    lines += ["", "| model | method | steps | best validation step | training wall time (s) |", "|---|---|---|---|---|"]
+    lines += ["", "| model | method | steps trained | best validation step | training minutes | training wall time (s) |", "|---|---|---|---|---|---|"]
     for name, s in report["training"].items():
-        lines.append(f"| {name} | {s['method']} | {s['steps']} | {s['selected_step'] or '-'} | {s['wall_s'] if s['wall_s'] is not None else '-'} |")
+        minutes = s.get("training_minutes")
+        lines.append(f"| {name} | {s['method']} | {s['steps']} | {s['selected_step'] or '-'} | {minutes if minutes is not None else '-'} | {s['wall_s'] if s['wall_s'] is not None else '-'} |")
     lines += ["", "Dice and IoU in %, paper rule (|map| >= 0.5 max|map|); NCC = Pearson r of |map| and |ground truth|; val thr = threshold fraction chosen on the validation split; CF called normal = share of the test patients' counterfactuals the independent judge classifies normal; perturbation drop = mean drop of the judge's P(abnormal) when the top voxels by |map| are set to the image mean.", ""]
     with atomic_path(path) as tmp:
         Path(tmp).write_text("\n".join(lines))
