@@ -73,10 +73,10 @@ def child_environment(package_root: Path | None) -> dict:
     return env
 
 
-def cli_module(env: dict) -> str:
+def cli_module(package_root: Path | None) -> str:
     """The command-line module of the checkout being measured (it moved between versions)."""
-    probe = "import importlib.util as u; print('CounterfactualVACLI' if u.find_spec('CounterfactualVACLI') else 'CounterfactualVALib.cli')"
-    return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    root = package_root or REPO / "CounterfactualVA"
+    return "CounterfactualVACLI" if (root / "CounterfactualVACLI").is_dir() else "CounterfactualVALib.cli"
 
 
 def run_command(command: list[str], env: dict) -> tuple[float, float, str]:
@@ -162,11 +162,10 @@ def report_command(name: str, input_path: Path, result: dict) -> dict:
     }
 
 
-def warm_worker(name: str, input_path: Path, env: dict, tmp: Path) -> dict | None:
+def warm_worker(name: str, input_path: Path, env: dict, tmp: Path, package_root: Path | None = None) -> dict | None:
     """Two identical requests to one worker: the first pays imports and the model load, the second only the
     in-process stages. None when the checkout has no worker."""
-    probe = "import importlib.util as u; print(bool(u.find_spec('CounterfactualVALib.worker')))"
-    if subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.strip() != "True":
+    if not (package_root or REPO / "CounterfactualVA").joinpath("CounterfactualVALib", "worker.py").is_file():
         return None
     sys.path[:0] = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     from CounterfactualVALib.worker import WorkerClient
@@ -295,7 +294,7 @@ def main() -> int:
     args = parser.parse_args()
 
     env = child_environment(args.package_root.resolve() if args.package_root else None)
-    module = cli_module(env)
+    module = cli_module(args.package_root.resolve() if args.package_root else None)
     print(f"CPU cores {os.cpu_count()}, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, load average {os.getloadavg()[0]:.2f}; command module {module}")
     inputs = {"mni152": mni152_t1(), "sample": SAMPLE_SCAN}
     figures = {}
@@ -304,7 +303,7 @@ def main() -> int:
         for name in args.inputs:
             result = command_runs(name, inputs[name], args.repeats, env, module, tmp)
             figures[name] = report_command(name, inputs[name], result)
-            warm = warm_worker(name, inputs[name], env, tmp)
+            warm = warm_worker(name, inputs[name], env, tmp, args.package_root.resolve() if args.package_root else None)
             if warm:
                 figures[name].update(warm)
             if args.package_root is None:
