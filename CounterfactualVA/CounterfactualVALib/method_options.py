@@ -169,19 +169,22 @@ def check_values(owner: str, kind: str, specs, values: dict) -> dict:
     return checked
 
 
-def option_specs_from_metadata(metadata) -> list[OptionSpec]:
+def option_specs_from_metadata(metadata, fall_back_to_method: bool = True) -> list[OptionSpec]:
     """The attribution options of a model, from its metadata (a ``ModelMetadata`` or its dict) alone.
 
     Model files written before options were part of the metadata fall back to the registered method class
-    (which needs torch); without it they get no options."""
+    when `fall_back_to_method` (that imports torch); without it, or for a method this version does not have,
+    they get no options (the method's defaults apply). The Slicer panel passes False: no torch in the GUI."""
     data = metadata if isinstance(metadata, dict) else metadata.to_dict()
     if data.get("attribute_options") is not None:
         return [OptionSpec.from_dict(d) for d in data["attribute_options"]]
+    if not fall_back_to_method:
+        return []
     try:
         from .methods import get_method_class
 
         return list(get_method_class(data["method"]).options)
-    except ImportError:
+    except (ImportError, ValueError):
         return []
 
 

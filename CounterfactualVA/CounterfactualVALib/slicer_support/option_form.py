@@ -16,8 +16,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from ..method_options import OptionSpec, collect_options, option_specs_from_metadata
+from .. import method_options
+from ..method_options import OptionSpec, collect_options
 from .model_file import read_model_metadata
+
+
+def option_specs_from_metadata(metadata: dict) -> list[OptionSpec]:
+    """The form rows of a model's attribution options, from its metadata without torch: models written before
+    the options were stored get none (the method's defaults apply)."""
+    return method_options.option_specs_from_metadata(metadata, fall_back_to_method=False)
 
 
 def option_specs_for_model_file(path) -> list[OptionSpec]:
