@@ -103,7 +103,7 @@ def test_targets_for_named_rows_orderings_and_medxgan_convergence():
 
 def test_evaluation_refuses_a_split_without_ground_truth(tiny_run):
     out, _ = tiny_run
-    with pytest.raises(ValueError, match="no abnormal subjects with a ground-truth mask in split 'holdout'"):
+    with pytest.raises(ValueError, match=r"no abnormal subjects \(label 1\) with a ground-truth mask in split 'holdout'"):
         evaluate(out / "models" / "vantgan" / "model.safetensors", out / "data" / "cohort.csv", split="holdout")
 
 
