@@ -70,7 +70,7 @@ def load_split(data_csv, config: PreprocessingConfig, split: str, limit: int | N
     items = load_items(abnormal_with_truth(records, split), config, limit)
     if not items and split != "val":
         raise ValueError(
-            f"{data_csv} has no abnormal subjects with a ground-truth mask in split {split!r} (rows with label 1 and a mask), nothing to evaluate"
+            f"{data_csv} has no abnormal subjects (label 1) with a ground-truth mask in split {split!r}, nothing to evaluate"
             f" — give some rows split={split!r}, label 1 and a mask file, or choose another split with --split."
         )
     return items
