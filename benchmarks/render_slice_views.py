@@ -107,8 +107,8 @@ def main(argv=None) -> int:
     scan = load_scan(scene, args.scan, "phantom_atrophy")
     result = CounterfactualVALogic().run(scan, str(args.model), device=args.device, opacity=args.opacity, logCallback=lambda line: None)
     summary = result.summary
-    print(f"{summary.get('method')}: mask {summary.get('mask_voxels')} voxels ({summary.get('mask_volume_ml')} ml), "
-          f"threshold {summary.get('thresholds', {}).get('rule')}")
+    print(f"{summary.method}: mask {summary.mask_voxels} voxels ({summary.mask_volume_ml} ml), "
+          f"threshold {summary.thresholds.rule}")
     centre = mask_centre_ras(result.mask)
 
     args.out.mkdir(parents=True, exist_ok=True)
