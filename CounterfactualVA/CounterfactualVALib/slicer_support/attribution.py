@@ -134,17 +134,21 @@ def run_batch(run, inputVolumeNodes, modelPath, progressCallback=None, logCallba
     return tableNode, runs
 
 
-class AttributionProcess:
-    """A running attribution: poll() it (from a timer or a loop) until it returns True, or cancel() it.
+class AttributionRun:
+    """What every attribution run shares, whether a fresh process or a request to the warm worker runs it:
+    state, progress and log forwarding, loading the outputs into new nodes, waiting, failing.
 
-    poll() forwards progress and log lines, and when the process has ended successfully it loads the outputs
-    into new nodes (``self.result``) and returns True. On failure it raises RuntimeError with the command
-    line's own message (its last ``ERROR:`` line) and creates nothing. cancel() kills the process group,
-    deletes the temporary folder and creates nothing; it returns at once. A GPU failure (no CUDA device, out
-    of GPU memory) is run again on the CPU when `cpuFallback` is set, and the log says so.
+    poll() forwards progress and log lines, and when the run has ended successfully it loads the outputs into
+    new nodes (``self.result``) and returns True. On failure it raises RuntimeError with the command line's own
+    message (its last ``ERROR:`` line) and creates nothing. cancel() stops the run, deletes the temporary folder
+    and creates nothing; it returns at once. A GPU failure (no CUDA device, out of GPU memory) is run again on
+    the CPU when `cpuFallback` is set, and the log says so.
     """
 
-    def __init__(self, logic, inputNode, command, env, tempDir, outDir, device, loadOptions=None, progressCallback=None, logCallback=None, cpuFallback=True):
+    #: seconds between polls in wait()
+    poll_interval = 0.05
+
+    def __init__(self, logic, inputNode, tempDir, outDir, device, loadOptions=None, progressCallback=None, logCallback=None, cpuFallback=True):
         self.logic = logic
         self.inputNode = inputNode
         self.tempDir = tempDir
@@ -160,18 +164,6 @@ class AttributionProcess:
         self.result = None
         self.error = None
         self.cancelled = self.done = False
-        self.runner = ProcessRunner(command, env=env, cwd=tempDir, on_progress=self._onProgress, on_line=self._onLine, pipe_grace_s=5.0)
-
-    command = property(lambda self: self.runner.command)
-    env = property(lambda self: self.runner.env)
-    returncode = property(lambda self: self.runner.returncode)
-    running = property(lambda self: self.runner.running and not self.cancelled)
-
-    def start(self):
-        self._report(0.0, "Starting the attribution process")
-        self.logCallback("Running: " + shlex.join(self.command))
-        self.runner.start()
-        return self
 
     def _report(self, fraction, stage):
         self.progress, self.stage = fraction, stage
@@ -185,26 +177,25 @@ class AttributionProcess:
         self.log.append(line)
         self.logCallback(line)
 
-    def poll(self) -> bool:
-        """Forward output; True when finished (then ``result`` holds the nodes). Raises on failure."""
+    def _settled(self) -> bool | None:
+        """poll()'s answer when the run has already ended or was cancelled; None while it runs."""
         if self.done:
             if self.error:
                 raise RuntimeError(self.error)
             return True
-        if self.cancelled:
-            return True
-        code = self.runner.poll()
-        if code is None:
+        return True if self.cancelled else None
+
+    def _falls_back_to_cpu(self, message: str, gpu: bool = False) -> bool:
+        """True (after saying so in the log) when a failed GPU run should run again on the CPU."""
+        if not (self.cpuFallback and self.device != "cpu" and (gpu or looks_like_gpu_problem(message))):
             return False
-        if code != 0:
-            message = self.runner.error_message("attribution process", "Try the CPU device, close other programs, or use a smaller model.")
-            if self.cpuFallback and self.device != "cpu" and looks_like_gpu_problem(message):
-                self.logCallback(f"The GPU run failed ({message}); running on the CPU instead.")
-                self.device = "cpu"
-                shutil.rmtree(self.outDir, ignore_errors=True)
-                self.runner.restart(*cpu_fallback(self.command, self.env))
-                return False
-            return self._fail(message)
+        self.logCallback(f"The GPU run failed ({message}); running on the CPU instead.")
+        self.device = "cpu"
+        shutil.rmtree(self.outDir, ignore_errors=True)
+        return True
+
+    def _finish(self) -> bool:
+        """The run has written its outputs: load them into new nodes and clean up."""
         try:
             self._report(0.99, "Loading results into the scene")
             self.result = self.logic.loadResults(self.inputNode, self.outDir, **self.loadOptions)
@@ -215,17 +206,59 @@ class AttributionProcess:
         self._report(1.0, "Done")
         return True
 
-    def wait(self, timeout: float | None = None, interval: float = 0.05):
+    def wait(self, timeout: float | None = None, interval: float | None = None):
         """Block until finished; returns the result (raises RuntimeError on failure or timeout)."""
         start = time.monotonic()
         while not self.poll():
             if timeout is not None and time.monotonic() - start > timeout:
                 self.cancel()
                 raise RuntimeError(f"The attribution did not finish within {timeout:.0f} s and was cancelled.")
-            time.sleep(interval)
+            time.sleep(self.poll_interval if interval is None else interval)
         if self.cancelled:
             raise RuntimeError("The attribution was cancelled.")
         return self.result
+
+    def _fail(self, message):
+        self.error, self.done = message, True
+        shutil.rmtree(self.tempDir, ignore_errors=True)
+        self._report(self.progress, "Failed")
+        raise RuntimeError(message)
+
+
+class AttributionProcess(AttributionRun):
+    """An attribution run in a fresh command-line process (see :class:`AttributionRun`); cancel() kills
+    the process group."""
+
+    def __init__(self, logic, inputNode, command, env, tempDir, outDir, device, loadOptions=None, progressCallback=None, logCallback=None, cpuFallback=True):
+        super().__init__(logic, inputNode, tempDir, outDir, device, loadOptions, progressCallback, logCallback, cpuFallback)
+        self.runner = ProcessRunner(command, env=env, cwd=tempDir, on_progress=self._onProgress, on_line=self._onLine, pipe_grace_s=5.0)
+
+    command = property(lambda self: self.runner.command)
+    env = property(lambda self: self.runner.env)
+    returncode = property(lambda self: self.runner.returncode)
+    running = property(lambda self: self.runner.running and not self.cancelled)
+
+    def start(self):
+        self._report(0.0, "Starting the attribution process")
+        self.logCallback("Running: " + shlex.join(self.command))
+        self.runner.start()
+        return self
+
+    def poll(self) -> bool:
+        """Forward output; True when finished (then ``result`` holds the nodes). Raises on failure."""
+        settled = self._settled()
+        if settled is not None:
+            return settled
+        code = self.runner.poll()
+        if code is None:
+            return False
+        if code != 0:
+            message = self.runner.error_message("attribution process", "Try the CPU device, close other programs, or use a smaller model.")
+            if self._falls_back_to_cpu(message):
+                self.runner.restart(*cpu_fallback(self.command, self.env))
+                return False
+            return self._fail(message)
+        return self._finish()
 
     def cancel(self):
         """Kill the process group and delete the temporary folder; no nodes are created. Returns at once."""
@@ -235,9 +268,3 @@ class AttributionProcess:
         self.runner.kill()
         shutil.rmtree(self.tempDir, ignore_errors=True)
         self._report(self.progress, "Cancelled")
-
-    def _fail(self, message):
-        self.error, self.done = message, True
-        shutil.rmtree(self.tempDir, ignore_errors=True)
-        self._report(self.progress, "Failed")
-        raise RuntimeError(message)

@@ -18,10 +18,10 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-import time
 import weakref
 
-from ..worker import DEFAULT_IDLE_TIMEOUT_S, looks_like_gpu_problem, parse_event
+from .attribution import AttributionRun
+from ..worker import DEFAULT_IDLE_TIMEOUT_S, parse_event
 from .process import ProcessRunner
 
 WORKER_MODULE = "CounterfactualVALib.worker"
@@ -111,26 +111,16 @@ def _close_quietly(stream) -> None:
         pass
 
 
-class WorkerAttributionProcess:
-    """One attribution run in the logic's :class:`AttributionWorker`; see the module docstring."""
+class WorkerAttributionProcess(AttributionRun):
+    """One attribution run in the logic's :class:`AttributionWorker` (see :class:`AttributionRun` and the
+    module docstring); cancel() kills the worker, the next run starts a fresh one."""
+
+    poll_interval = 0.02
 
     def __init__(self, logic, inputNode, worker: AttributionWorker, request: dict, tempDir, outDir, device, loadOptions=None, progressCallback=None, logCallback=None, cpuFallback=True):
-        self.logic = logic
-        self.inputNode = inputNode
+        super().__init__(logic, inputNode, tempDir, outDir, device, loadOptions, progressCallback, logCallback, cpuFallback)
         self.worker = worker
         self.request = dict(request)
-        self.tempDir = tempDir
-        self.outDir = outDir
-        self.loadOptions = dict(loadOptions or {})
-        self.device = device
-        self.progressCallback = progressCallback
-        self.logCallback = logCallback or print
-        self.cpuFallback = cpuFallback
-        self.progress, self.stage = 0.0, "Starting"
-        self.log: list[str] = []
-        self.result = None
-        self.error = None
-        self.cancelled = self.done = False
         self.requestId = None
         #: the worker's own seconds for the request (its "done" event), to tell Slicer's share of an Apply
         self.workerSeconds = None
@@ -146,64 +136,27 @@ class WorkerAttributionProcess:
         self.requestId = self.worker.submit(self.request)
         return self
 
-    def _report(self, fraction, stage):
-        self.progress, self.stage = fraction, stage
-        if self.progressCallback:
-            self.progressCallback(fraction, stage)
-
-    def _onProgress(self, fraction, stage):
-        self._report(min(fraction, 0.99), stage)  # loading the results into the scene is the last step
-
-    def _onLine(self, line, stream):
-        self.log.append(line)
-        self.logCallback(line)
-
     def poll(self) -> bool:
         """Forward output; True when finished (then ``result`` holds the nodes). Raises on failure."""
-        if self.done:
-            if self.error:
-                raise RuntimeError(self.error)
-            return True
-        if self.cancelled:
-            return True
+        settled = self._settled()
+        if settled is not None:
+            return settled
         for event in self.worker.poll():
             if event.get("id") != self.requestId:
                 continue
             if event["event"] == "error":
                 message = event.get("message", "unknown error")
-                if self.cpuFallback and self.device != "cpu" and (event.get("gpu") or looks_like_gpu_problem(message)):
-                    self.logCallback(f"The GPU run failed ({message}); running on the CPU instead.")
-                    self.device = self.request["device"] = "cpu"
-                    shutil.rmtree(self.outDir, ignore_errors=True)
+                if self._falls_back_to_cpu(message, gpu=bool(event.get("gpu"))):
+                    self.request["device"] = "cpu"
                     self.requestId = self.worker.submit(self.request)
                     return False
                 return self._fail(message)
             if event["event"] == "done":
                 self.workerSeconds, self.modelWasLoaded = event.get("seconds"), event.get("model_was_loaded")
-                try:
-                    self._report(0.99, "Loading results into the scene")
-                    self.result = self.logic.loadResults(self.inputNode, self.outDir, **self.loadOptions)
-                except Exception as exc:
-                    return self._fail(str(exc))
-                shutil.rmtree(self.tempDir, ignore_errors=True)
-                self.done = True
-                self._report(1.0, "Done")
-                return True
+                return self._finish()
         if not self.worker.running:
             return self._fail(self.worker.error_message())
         return False
-
-    def wait(self, timeout: float | None = None, interval: float = 0.02):
-        """Block until finished; returns the result (raises RuntimeError on failure or timeout)."""
-        start = time.monotonic()
-        while not self.poll():
-            if timeout is not None and time.monotonic() - start > timeout:
-                self.cancel()
-                raise RuntimeError(f"The attribution did not finish within {timeout:.0f} s and was cancelled.")
-            time.sleep(interval)
-        if self.cancelled:
-            raise RuntimeError("The attribution was cancelled.")
-        return self.result
 
     def cancel(self):
         """Kill the worker (the run ends at once; the next run starts a fresh worker), delete the temporary
@@ -214,9 +167,3 @@ class WorkerAttributionProcess:
         self.worker.kill()
         shutil.rmtree(self.tempDir, ignore_errors=True)
         self._report(self.progress, "Cancelled")
-
-    def _fail(self, message):
-        self.error, self.done = message, True
-        shutil.rmtree(self.tempDir, ignore_errors=True)
-        self._report(self.progress, "Failed")
-        raise RuntimeError(message)

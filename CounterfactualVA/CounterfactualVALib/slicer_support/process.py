@@ -31,6 +31,9 @@ import threading
 import time
 from typing import Callable
 
+# one definition with the worker, which classifies its own failures the same way
+from ..worker import looks_like_gpu_problem  # noqa: F401  (re-exported for the modules and tests)
+
 #: the module that `python -m` runs in the child (the library's command line)
 CLI_MODULE = "CounterfactualVACLI"
 
@@ -91,12 +94,6 @@ def child_environment(library_folders: list[str], device: str = "auto", base: di
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = "-1"
     return env
-
-
-def looks_like_gpu_problem(message: str) -> bool:
-    """True for a failure a CPU run would not have (no CUDA device, out of GPU memory, driver mismatch)."""
-    text = message.lower()
-    return any(word in text for word in ("cuda", "gpu", "cudnn", "nvidia"))
 
 
 def cpu_fallback(command: list[str], env: dict) -> tuple[list[str], dict]:
