@@ -291,24 +291,18 @@ def check_targets(protocol: dict, results: list[dict], judge: dict | None = None
         for metric, minimum in wanted.items():
             measured = 100 * by_label[label]["paper_rule"][metric]
             checks.append({"target": f"{label} {metric} >= {minimum}", "measured": round(measured, 1), "met": measured >= minimum})
-    if "ncc_above" in targets:
-        above, below = targets["ncc_above"]
-        lowest = min(by_label[a]["paper_rule"]["ncc"] for a in above)
-        highest = max(by_label[b]["paper_rule"]["ncc"] for b in below)
-        checks.append({
-            "target": f"NCC of every one of {', '.join(above)} above every one of {', '.join(below)}",
-            "measured": f"lowest {lowest:.3f} vs highest {highest:.3f}",
-            "met": lowest > highest,
-        })
-    if "dice_above" in targets:
-        above, below = targets["dice_above"]
-        lowest = min(by_label[a]["paper_rule"]["dice"] for a in above)
-        highest = max(by_label[b]["paper_rule"]["dice"] for b in below)
-        checks.append({
-            "target": f"Dice of every one of {', '.join(above)} above every one of {', '.join(below)}",
-            "measured": f"lowest {100 * lowest:.1f} vs highest {100 * highest:.1f}",
-            "met": lowest > highest,
-        })
+    for metric, scale, digits in (("ncc", 1, 3), ("dice", 100, 1)):
+        # "ncc_above" / "dice_above": [rows that must score higher, rows they must beat]
+        if f"{metric}_above" in targets:
+            above, below = targets[f"{metric}_above"]
+            lowest = min(by_label[a]["paper_rule"][metric] for a in above)
+            highest = max(by_label[b]["paper_rule"][metric] for b in below)
+            name = "NCC" if metric == "ncc" else "Dice"
+            checks.append({
+                "target": f"{name} of every one of {', '.join(above)} above every one of {', '.join(below)}",
+                "measured": f"lowest {scale * lowest:.{digits}f} vs highest {scale * highest:.{digits}f}",
+                "met": lowest > highest,
+            })
     if "medxgan_cosine_min" in targets and medxgan:
         cosine = medxgan["convergence"]["cosine_mean"]
         checks.append({"target": f"medXGAN inversion convergence cosine >= {targets['medxgan_cosine_min']}", "measured": round(cosine, 3),

@@ -99,6 +99,21 @@ def make_tiny_cohort(folder, n: int = 24, size: int = 32, seed: int = 0) -> str:
     return str(write_cohort_csv(os.path.join(folder, "cohort.csv"), rows))
 
 
+def poll_until_done(test, process, timeout_s: float = 300.0) -> None:
+    """Poll a run the way the panels' timers do (keeping the application responsive where there is one)
+    until it ends, failing `test` with the run's log if it takes longer than `timeout_s`."""
+    import time
+
+    from .framework import qt
+
+    deadline = time.monotonic() + timeout_s
+    while not process.poll():
+        test.assertLess(time.monotonic(), deadline, "\n".join(test.log))
+        if qt is not None and hasattr(slicer, "app"):
+            slicer.app.processEvents()
+        time.sleep(0.05)
+
+
 def attribution_end_to_end(test, logic, scene):
     """The attribution panel's path, checked with `test`'s assertions (a unittest.TestCase: the module's
     self-test): an oblique volume under a linear transform, in a subject-hierarchy folder, run without
@@ -107,12 +122,10 @@ def attribution_end_to_end(test, logic, scene):
     import os
     import shutil
     import tempfile
-    import time
 
     import numpy as np
 
     from .. import slicer_nodes
-    from .framework import qt
 
     folder = tempfile.mkdtemp(prefix="CounterfactualVATest-")
     try:
@@ -138,12 +151,7 @@ def attribution_end_to_end(test, logic, scene):
             createSegmentation=True, waitForCompletion=False,
             progressCallback=lambda f, stage: test.progress.append((f, stage)), logCallback=test.log.append,
         )
-        deadline = time.monotonic() + 300
-        while not process.poll():
-            test.assertLess(time.monotonic(), deadline, "\n".join(test.log))
-            if qt is not None and hasattr(slicer, "app"):
-                slicer.app.processEvents()
-            time.sleep(0.05)
+        poll_until_done(test, process)
         result = process.result
         test.process, test.result, test.inputNode, test.shFolder = process, result, inputNode, shFolder
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 
 import slicer
 
-from CounterfactualVALib.slicer_support.framework import qt
-from CounterfactualVALib.slicer_support.testing import make_tiny_cohort
+from CounterfactualVALib.slicer_support.testing import make_tiny_cohort, poll_until_done
 
 from .training_data import MODEL_PATH_ATTRIBUTE
 
@@ -36,12 +34,7 @@ def tiny_training_run(test, logic, steps: int = 3):
             waitForCompletion=False, recordModel=False,
             progressCallback=lambda *args: test.progress.append(args), logCallback=test.log.append,
         )
-        deadline = time.monotonic() + 300
-        while not process.poll():
-            test.assertLess(time.monotonic(), deadline, "\n".join(test.log))
-            if qt is not None and hasattr(slicer, "app"):
-                slicer.app.processEvents()
-            time.sleep(0.05)
+        poll_until_done(test, process)
         test.process = process
         test.assertEqual(process.returncode, 0, "\n".join(test.log))
         test.assertTrue(os.path.isfile(process.modelPath))
