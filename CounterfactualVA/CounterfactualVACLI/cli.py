@@ -95,6 +95,7 @@ def cmd_train(args) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         patch_size=args.patch_size,
+        augmentation=args.augmentation,
         time_budget_minutes=args.time_budget,
         val_every=args.val_every,
         checkpoint_every=args.checkpoint_every,
@@ -203,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     from CounterfactualVALib.methods import available_methods
     from CounterfactualVALib.metrics import THRESHOLD_RULES
     from CounterfactualVALib.preprocessing import CROPS, INTENSITIES
+    from CounterfactualVATrainingLib.augmentation import AUGMENTATIONS
 
     methods = available_methods()
     parser = _Parser(prog="counterfactualva", description=__doc__.splitlines()[0])
@@ -237,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, nargs="+", default=None,
                    help="train on patches of this size (x y [z]) cropped at one position in both classes; "
                         "fully convolutional methods only (e.g. vantgan with --config generator=unet)")
+    p.add_argument("--augmentation", default="none", choices=AUGMENTATIONS,
+                   help="anatomy: a new head size, pose, intensity bias and contrast for every training image of "
+                        "every step (no flips, which would move a lateralised effect); none: the images as cached")
     p.add_argument("--spatial-dims", type=int, default=3, choices=[2, 3])
     p.add_argument("--size", type=int, nargs="+", default=[64, 64, 64], help="model grid size (x y [z])")
     p.add_argument("--spacing", type=float, nargs="+", default=[3.0, 3.0, 3.0], help="model grid spacing in mm")

@@ -86,10 +86,13 @@ class UnpairedSampler:
     position in both images: on images on a common grid the discriminator then compares like with like
     anatomy, and a step costs the patch's voxels instead of the volume's. Patched batches also carry
     "coords": the patch voxels' coordinates on the whole grid (for methods with position channels).
+    `augmentation` (e.g. :class:`~.augmentation.AnatomyAugmentation`) is applied to every drawn image, normal
+    and abnormal independently, before any crop, with the step's generator.
     """
 
-    def __init__(self, cohort: CohortTensors, batch_size: int, patch_size: tuple[int, ...] | None = None):
+    def __init__(self, cohort: CohortTensors, batch_size: int, patch_size: tuple[int, ...] | None = None, augmentation=None):
         self.cohort = cohort
+        self.augmentation = augmentation
         self.batch_size = batch_size
         self.normal = cohort.of_class(0)
         self.abnormal = cohort.of_class(1)
@@ -120,6 +123,11 @@ class UnpairedSampler:
         pick_n = self.normal[torch.randint(len(self.normal), (self.batch_size,), generator=generator)]
         pick_a = self.abnormal[torch.randint(len(self.abnormal), (self.batch_size,), generator=generator)]
         tensors = [self.cohort.images[pick_n], self.cohort.images[pick_a], self.cohort.masks[pick_a]]
+        if self.augmentation is not None:
+            normal, abnormal, mask = (t.to(device, non_blocking=True) for t in tensors)
+            (normal,) = self.augmentation(normal, generator)
+            abnormal, mask = self.augmentation(abnormal, generator, masks=(mask,))
+            tensors = [normal, abnormal, mask]
         if self.patch_size is None:
             normal, abnormal, mask = (t.to(device, non_blocking=True) for t in tensors)
             return {"normal": normal, "abnormal": abnormal, "abnormal_mask": mask}

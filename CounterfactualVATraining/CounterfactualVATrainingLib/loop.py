@@ -32,6 +32,7 @@ from CounterfactualVALib.preprocessing import PreprocessingConfig, head_mask_on_
 from CounterfactualVALib.run_files import CHECKPOINT_NAME, MODEL_NAME
 
 from . import distributed
+from .augmentation import make_augmentation
 from .data import UnpairedSampler, cache_split, describe, load_cohort, step_generator
 from .handlers import Handler, default_handlers
 from .runfolder import RunFolder
@@ -53,6 +54,9 @@ class TrainingConfig:
     #: train on patches of this size (x, y[, z], like the grid size) cropped at the same position in both
     #: domains; None trains on whole volumes. Only for methods whose networks are fully convolutional.
     patch_size: list | None = None
+    #: training-time augmentation (`augmentation.AUGMENTATIONS`): "anatomy" draws a new head size, pose,
+    #: intensity bias and contrast for every image of every step (no flips); "none" shows the cached images
+    augmentation: str = "none"
     val_every: int = 100
     checkpoint_every: int = 100
     log_every: int = 10
@@ -126,6 +130,7 @@ class Trainer:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def load_data(self) -> None:
+        augmentation = make_augmentation(self.config.augmentation)  # a bad name is refused before minutes of caching
         splits = load_cohort(self.config.data, seed=self.config.seed)
         val_records = splits["val"][: self.config.max_val_subjects * 2]
         # preprocessing every subject once can take minutes: say so, with a bar in a terminal
@@ -143,7 +148,7 @@ class Trainer:
                     "leave --patch-size out."
                 )
             patch = tuple(reversed(self.config.patch_size))
-        self.sampler = UnpairedSampler(self.train_data, self.batch_size, patch)
+        self.sampler = UnpairedSampler(self.train_data, self.batch_size, patch, augmentation)
         self.data_summary = describe(self.train_data, self.config.data)
 
     def _batch(self, generator: torch.Generator) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from torch import nn
 from ..networks import ImagePool, PatchGANDiscriminator, ResNetGenerator, init_normal_weights, linear_decay_schedule
 from ..networks.position import with_position
 from ..networks.vagan import MapUNet
+from ..method_options import OptionSpec
 from .base import AttributionResult, Method, TrainingContext
 from .losses import AdversarialLoss
 
@@ -35,10 +36,15 @@ class ChangeGenerator(nn.Module):
 
     ROLES = ("map", "residual", "image")
 
-    def __init__(self, spatial_dims: int, channels, role: str, position_channels: bool = False, head_init_std: float = 1e-3):
+    def __init__(
+        self, spatial_dims: int, channels, role: str, position_channels: bool = False, head_init_std: float = 1e-3,
+        upsample: str = "transposed",
+    ):
         super().__init__()
         in_channels = 1 + (spatial_dims if position_channels else 0)
-        self.unet = MapUNet(spatial_dims, in_channels, 1, channels=tuple(channels), norm=None, head_init_std=head_init_std)
+        self.unet = MapUNet(
+            spatial_dims, in_channels, 1, channels=tuple(channels), norm=None, head_init_std=head_init_std, upsample=upsample
+        )
         if role not in self.ROLES:
             raise ValueError(f"role must be one of {self.ROLES}, got {role!r}")
         self.role = role
@@ -76,7 +82,15 @@ class CycleTranslationMethod(Method):
         "position_channels": False,
         # std of the U-Net generators' last layer at initialisation: ~0 starts at the identity
         "unet_head_init_std": 1e-3,
+        "unet_upsample": "transposed",
     }
+    config_specs = (
+        OptionSpec("generator", "choice", "resnet", choices=("resnet", "unet"),
+                   tooltip="resnet: the papers' generators; unet: light change-predicting U-Nets (CPU budgets, patch training)"),
+        OptionSpec("unet_upsample", "choice", "transposed", choices=MapUNet.UPSAMPLING,
+                   tooltip="U-Net decoder upsampling: transposed (stride-2 transposed convolutions; prints a 2x2 "
+                   "checkerboard into short-trained maps) or linear (interpolation + 3x3 convolution)"),
+    )
     training_defaults = {"batch_size": 1}
 
     @property
@@ -96,7 +110,7 @@ class CycleTranslationMethod(Method):
         def generator(activation, residual=False):
             if c["generator"] == "unet":
                 role = "map" if activation == "tanh2" else ("residual" if residual else "image")
-                return ChangeGenerator(dims, c["unet_channels"], role, position, c["unet_head_init_std"])
+                return ChangeGenerator(dims, c["unet_channels"], role, position, c["unet_head_init_std"], c["unet_upsample"])
             return init_normal_weights(
                 ResNetGenerator(dims, 1, 1, c["ngf"], c["n_downsampling"], c["n_blocks"], output_activation=activation)
             )

@@ -46,7 +46,10 @@ def _max_pool(x: torch.Tensor) -> torch.Tensor:
 
 
 class MapUNet(nn.Module):
-    """U-Net that outputs a signed map with the input's spatial size."""
+    """U-Net that outputs a signed map with the input's spatial size. ``upsample``: ``"transposed"``
+    (stride-2 transposed convolutions, the original layout) or ``"linear"`` (interpolation + convolution)."""
+
+    UPSAMPLING = ("transposed", "linear")
 
     def __init__(
         self,
@@ -56,6 +59,7 @@ class MapUNet(nn.Module):
         channels: Sequence[int] = (16, 32, 64, 128),
         norm: str | None = "batch",
         head_init_std: float = 1e-3,
+        upsample: str = "transposed",
     ):
         super().__init__()
         if len(channels) < 2:
@@ -69,13 +73,24 @@ class MapUNet(nn.Module):
             previous = c
         self.upsamplers = nn.ModuleList()
         self.decoders = nn.ModuleList()
+        if upsample not in self.UPSAMPLING:
+            raise ValueError(f"MapUNet: upsample must be one of {self.UPSAMPLING}, got {upsample!r}")
         for deeper, c in zip(reversed(channels[1:]), reversed(channels[:-1])):
-            self.upsamplers.append(
-                conv_block(
+            if upsample == "transposed":
+                layer = conv_block(
                     spatial_dims, deeper, c, stride=2, kernel_size=2, norm=norm, act=act,
                     transposed=True, padding=0, output_padding=0, bias=norm is None,
                 )
-            )
+            else:
+                # interpolation then a 3x3 convolution: every output voxel sees the same kernel, so the map
+                # carries no 2x2 grid pattern (a stride-2, kernel-2 transposed convolution prints a checkerboard
+                # wherever its four kernel phases are not yet equal, which a short training never makes them)
+                mode = "trilinear" if spatial_dims == 3 else "bilinear"
+                layer = nn.Sequential(
+                    nn.Upsample(scale_factor=2, mode=mode, align_corners=False),
+                    conv_block(spatial_dims, deeper, c, kernel_size=3, norm=norm, act=act, bias=norm is None),
+                )
+            self.upsamplers.append(layer)
             self.decoders.append(_double_conv(spatial_dims, 2 * c, c, norm, act))
         self.head = conv_block(spatial_dims, channels[0], out_channels, kernel_size=1, conv_only=True)
         # Start near the identity (map ~ 0): the L1 term then starts at its minimum and the critic decides what
