@@ -92,15 +92,12 @@ def assert_unchanged(node, before):
     assert after == before
 
 
-def write_fixture_outputs(input_node, out_dir: Path, counterfactual=True, extras=True, shift_origin=0.0, stem="T1", spatial_dims=3):
-    """An output folder as `counterfactualva attribute` writes it: images on the input's grid + summary.json
-    (for a 2D model and a one-slice input, 2D images, as the command line writes them)."""
-    from CounterfactualVALib.imageio import validate_image
-
+def write_fixture_outputs(input_node, out_dir: Path, counterfactual=True, extras=True, shift_origin=0.0, stem="T1"):
+    """An output folder as `counterfactualva attribute` writes it: images on the input's grid (in the input
+    file's own geometry, one-slice inputs of a 2D model included) + summary.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
     reference = sitk.ReadImage(slicer_nodes.write_volume(input_node, out_dir / "reference.nrrd"))
     os.remove(out_dir / "reference.nrrd")
-    reference = validate_image(reference, spatial_dims)
     if shift_origin:
         reference.SetOrigin([o + shift_origin for o in reference.GetOrigin()])
     image = sitk.GetArrayFromImage(reference).astype(np.float32)
@@ -595,14 +592,36 @@ def test_segmentation_is_made_from_the_mask_when_asked(scene, tmp_path):
     assert segmentation.GetAttribute(slicer_nodes.DESCRIPTION_ATTRIBUTE)
 
 
-def test_single_slice_input_with_2d_outputs(scene, tmp_path):
+def test_single_oblique_slice_through_a_2d_model_comes_back_on_the_slice(scene, tmp_path):
+    """A one-slice volume (a 2D model's input) written as the module writes it, attributed by the command
+    line's pipeline (in this process, to save a child's start-up) and loaded: every output lands on the slice."""
+    from CounterfactualVALib.inference import run_attribution
+
+    model = self_test_class().makeTinyModel(tmp_path / "tiny2d.safetensors", spatialDims=2)
     node = oblique_volume(scene, name="slice", shape=(1, 14, 16))
-    _, attribution, _ = write_fixture_outputs(node, tmp_path, extras=False, stem="slice", spatial_dims=2)
-    assert sitk.ReadImage(str(tmp_path / "slice_attribution.nrrd")).GetDimension() == 2
-    result = CounterfactualVALogic().loadResults(node, tmp_path)
+    before = slicer_nodes.node_state(node)
+    scan = slicer_nodes.write_volume(node, tmp_path / "slice.nrrd")
+    run_attribution(model, scan, tmp_path / "out", device="cpu", figure=False)
+    result = CounterfactualVALogic().loadResults(node, tmp_path / "out")
+    assert [n.GetName() for n in result.nodes()] == ["slice counterfactual", "slice attribution", "slice attribution mask"]
     for new in result.nodes():
         assert_same_grid(new, node)
-    np.testing.assert_allclose(slicer.util.arrayFromVolume(result.attribution)[0], attribution)
+    difference = slicer.util.arrayFromVolume(result.counterfactual) - slicer.util.arrayFromVolume(node)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(result.attribution), difference, atol=1e-3)
+    assert_unchanged(node, before)
+
+
+def test_output_that_lost_the_slice_geometry_is_refused(scene, tmp_path):
+    """A 2D image for a one-slice input has lost the slice's position and normal: not on the input's grid."""
+    node = oblique_volume(scene, name="slice", shape=(1, 14, 16))
+    summary, attribution, _ = write_fixture_outputs(node, tmp_path, extras=False, stem="slice")
+    sitk.WriteImage(sitk.GetImageFromArray(attribution[0]), str(tmp_path / summary.outputs.attribution))
+    count = node_count(scene)
+    with pytest.raises(RuntimeError, match="not on the input's voxel grid"):
+        CounterfactualVALogic().loadResults(node, tmp_path)
+    assert node_count(scene) == count
+    write_fixture_outputs(node, tmp_path, extras=False, stem="slice")
+    assert all(slicer_nodes.same_world_geometry(new, node) for new in CounterfactualVALogic().loadResults(node, tmp_path).nodes())
 
 
 def test_classifier_baseline_without_counterfactual(scene, tmp_path):

@@ -137,7 +137,8 @@ def read_volume(path: str | os.PathLike, labelmap: bool = False):
 def geometry_mismatch(node, reference_matrix: np.ndarray, reference_dimensions) -> str | None:
     """None when `node`'s voxel grid equals the reference; otherwise a sentence saying what differs.
 
-    Axes of size 1 are not compared (a single-slice image written as 2D loses its slice normal)."""
+    Every axis is compared, those of size 1 too: the command line writes a one-slice input's outputs in that
+    file's own 3D geometry (slice normal and position included), so they match it exactly."""
     dims = tuple(node.GetImageData().GetDimensions())
     if dims != tuple(reference_dimensions):
         return f"size {dims} instead of {tuple(reference_dimensions)}"
@@ -145,40 +146,9 @@ def geometry_mismatch(node, reference_matrix: np.ndarray, reference_dimensions) 
     scale = max(1.0, float(np.abs(reference_matrix[:3, :3]).max()))
     if not np.allclose(matrix[:3, 3], reference_matrix[:3, 3], atol=GEOMETRY_TOLERANCE * scale):
         return f"origin {matrix[:3, 3]} instead of {reference_matrix[:3, 3]}"
-    for axis, size in enumerate(dims):
-        if size > 1 and not np.allclose(matrix[:3, axis], reference_matrix[:3, axis], atol=GEOMETRY_TOLERANCE * scale):
+    for axis in range(3):
+        if not np.allclose(matrix[:3, axis], reference_matrix[:3, axis], atol=GEOMETRY_TOLERANCE * scale):
             return f"axis {axis} vector {matrix[:3, axis]} instead of {reference_matrix[:3, axis]}"
-    return None
-
-
-def _file_dimension(path) -> int | None:
-    """The number of dimensions an NRRD/NIfTI file declares (None when it cannot be told cheaply)."""
-    path = str(path)
-    try:
-        if path.lower().endswith((".nrrd", ".nhdr")):
-            with open(path, "rb") as f:
-                header = f.read(4096).split(b"\n\n")[0].decode("latin-1")
-            for line in header.splitlines():
-                if line.lower().startswith("dimension:"):
-                    return int(line.split(":", 1)[1])
-        elif path.lower().endswith((".nii", ".nii.gz")):
-            import gzip
-
-            opener = gzip.open if path.lower().endswith(".gz") else open
-            with opener(path, "rb") as f:
-                header = f.read(48)
-            return int(np.frombuffer(header[40:42], "<i2")[0]) if len(header) >= 42 else None
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def _in_plane_mismatch(node, reference) -> str | None:
-    """Only the size can be checked: a 2D file cut from an oblique slice cannot even keep the in-plane
-    spacing (its 2D direction matrix is not orthonormal, so readers re-derive a different spacing)."""
-    dims, expected = tuple(node.GetImageData().GetDimensions()), tuple(reference.GetImageData().GetDimensions())
-    if dims != expected:
-        return f"size {dims} instead of {expected}"
     return None
 
 
@@ -195,14 +165,7 @@ def read_output_like(path: str | os.PathLike, reference, labelmap: bool = False)
     then the reference's own origin, spacing and directions are copied, so the new node matches it to rounding (the
     parent transform is copied when the node is added to the scene, see :func:`add_to_scene_like`)."""
     node = read_volume(path, labelmap=labelmap)
-    dimensions = reference.GetImageData().GetDimensions()
-    if _file_dimension(path) == 2 and 1 in dimensions:
-        # A 2D model's outputs for a one-slice volume are 2D images on the slice's voxel grid, but a 2D file
-        # cannot hold the slice's position and orientation in 3D: the voxels correspond by index, and the
-        # geometry is taken from the input below.
-        problem = _in_plane_mismatch(node, reference)
-    else:
-        problem = geometry_mismatch(node, world_ijk_to_ras(reference), dimensions)
+    problem = geometry_mismatch(node, world_ijk_to_ras(reference), reference.GetImageData().GetDimensions())
     if problem:
         raise RuntimeError(
             f"The output {os.path.basename(str(path))} is not on the input's voxel grid ({problem}). "
