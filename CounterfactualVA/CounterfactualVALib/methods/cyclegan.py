@@ -89,7 +89,7 @@ class CycleTranslationMethod(Method):
                    tooltip="resnet: the papers' generators; unet: light change-predicting U-Nets (CPU budgets, patch training)"),
         OptionSpec("unet_upsample", "choice", "transposed", choices=MapUNet.UPSAMPLING,
                    tooltip="U-Net decoder upsampling: transposed (stride-2 transposed convolutions; prints a 2x2 "
-                   "checkerboard into short-trained maps) or linear (interpolation + 3x3 convolution)"),
+                   "checkerboard into short-trained maps) or linear (1x1 convolution at the coarse level, then interpolation; cheaper)"),
     )
     training_defaults = {"batch_size": 1}
 

@@ -47,7 +47,8 @@ def _max_pool(x: torch.Tensor) -> torch.Tensor:
 
 class MapUNet(nn.Module):
     """U-Net that outputs a signed map with the input's spatial size. ``upsample``: ``"transposed"``
-    (stride-2 transposed convolutions, the original layout) or ``"linear"`` (interpolation + convolution)."""
+    (stride-2 transposed convolutions, the original layout) or ``"linear"`` (1x1 convolution, then
+    interpolation)."""
 
     UPSAMPLING = ("transposed", "linear")
 
@@ -82,13 +83,15 @@ class MapUNet(nn.Module):
                     transposed=True, padding=0, output_padding=0, bias=norm is None,
                 )
             else:
-                # interpolation then a 3x3 convolution: every output voxel sees the same kernel, so the map
-                # carries no 2x2 grid pattern (a stride-2, kernel-2 transposed convolution prints a checkerboard
-                # wherever its four kernel phases are not yet equal, which a short training never makes them)
+                # a 1x1 convolution at the coarse level, then interpolation: every output voxel is made the same
+                # way, so the map carries no 2x2 grid (a stride-2, kernel-2 transposed convolution prints a
+                # checkerboard wherever its kernel phases differ, which a short training never evens out); the
+                # decoder's 3x3 convolutions after the skip concatenation do the spatial mixing. Cheaper than
+                # the transposed convolution (the channel change happens at the coarse level).
                 mode = "trilinear" if spatial_dims == 3 else "bilinear"
                 layer = nn.Sequential(
+                    conv_block(spatial_dims, deeper, c, kernel_size=1, norm=norm, act=act, bias=norm is None),
                     nn.Upsample(scale_factor=2, mode=mode, align_corners=False),
-                    conv_block(spatial_dims, deeper, c, kernel_size=3, norm=norm, act=act, bias=norm is None),
                 )
             self.upsamplers.append(layer)
             self.decoders.append(_double_conv(spatial_dims, 2 * c, c, norm, act))
