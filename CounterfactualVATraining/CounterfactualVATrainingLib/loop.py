@@ -89,6 +89,12 @@ class Trainer:
         self.out = Path(config.out)
         self.dist = distributed.setup()
         self.device = self._device()
+        if self.device.type == "cpu":
+            # Near-zero-initialised heads (the change-predicting U-Nets start at ~1e-3), their gradients and
+            # Adam's second moments can reach denormal floats, which x86 CPUs compute many times slower;
+            # flushing them to zero changes nothing a model learns (process-wide; training runs in its own
+            # process).
+            torch.set_flush_denormal(True)
         self.preprocessing = PreprocessingConfig(**config.preprocessing)
         method_class = get_method_class(config.method)
         self.batch_size = config.batch_size or method_class.training_defaults.get("batch_size", 1)
