@@ -167,3 +167,51 @@ def test_antgan_unet_translator_is_plain_not_residual():
         assert (x.abs().mean() > 0.3) and ((antgan.to_normal(x) - x).abs().mean() > 0.3)
         assert (vantgan.to_normal(x) - x).abs().max() < 0.05
         assert (antgan.networks["n2a"](x) - x).abs().max() < 0.05
+
+
+def _steps(method, n=3, shape=(16, 16, 16)):
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, *shape) * 2 - 1
+    optimizers = {k: v[0] for k, v in method.configure_optimizers(10).items()}
+    ctx = TrainingContext(torch.device("cpu"), optimizers)
+    return [method.training_step({"normal": x[:2], "abnormal": x[2:]}, ctx) for _ in range(n)], optimizers
+
+
+def test_weight_average_is_what_validation_and_the_model_file_use():
+    method = create_method("vantgan", 3, {**UNET, "ema_decay": 0.5}, training=True)
+    _steps(method)
+    live, average = method.networks["a2m"], method.networks["a2m_ema"]
+    assert not any(p.requires_grad for p in average.parameters()), "the average must never be optimised"
+    exported = method.inference_state_dict()
+    assert set(exported) == {f"a2m.{k}" for k in live.state_dict()}, "the model file keeps the generator's own names"
+    for key, value in average.state_dict().items():
+        assert torch.equal(exported[f"a2m.{key}"], value)
+    assert any(not torch.equal(a, b) for a, b in zip(average.parameters(), live.parameters()))
+    x = torch.rand(1, 1, 16, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(method.attribute(x).attribution, average(x)), "validation must score the average"
+    # a model loaded for inference has no average: the exported weights are its generator
+    inference = create_method("vantgan", 3, {**UNET, "ema_decay": 0.5})
+    inference.load_inference_state_dict(exported)
+    with torch.no_grad():
+        assert torch.allclose(inference.attribute(x).attribution, average(x))
+    assert "a2m_ema" not in create_method("vantgan", 3, UNET, training=True).networks
+
+
+def test_discriminator_position_channels_reach_the_discriminators_only():
+    method = create_method("vantgan", 3, {**UNET, "discriminator_position_channels": True}, training=True)
+    first_conv = lambda net: next(m for m in net.modules() if isinstance(m, torch.nn.Conv3d))  # noqa: E731
+    assert first_conv(method.networks["d_n"]).in_channels == 4 and first_conv(method.networks["d_a"]).in_channels == 4
+    assert first_conv(method.networks["a2m"]).in_channels == 1 and first_conv(method.networks["n2a"]).in_channels == 1
+    losses, _ = _steps(method, n=1)
+    assert all(np.isfinite(v) for v in losses[0].values())
+
+
+def test_change_penalty_and_discriminator_learning_rate_ratio():
+    method = create_method("vantgan", 3, {**UNET, "lambda_change": 2.0, "lr_d_ratio": 4.0, "lr": 1e-4}, training=True)
+    losses, optimizers = _steps(method, n=2)
+    assert losses[-1]["loss_change"] > 0
+    assert optimizers["discriminators"].param_groups[0]["lr"] == pytest.approx(4e-4)
+    assert optimizers["generators"].param_groups[0]["lr"] == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="lr_d_ratio"):
+        create_method("vantgan", 3, {**UNET, "lr_d_ratio": 0.0})

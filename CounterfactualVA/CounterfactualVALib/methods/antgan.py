@@ -18,5 +18,5 @@ class ANTGAN(CycleTranslationMethod):
     inference_networks = ("a2n",)
     map_description = "counterfactual minus input = A2N(input) - input"
 
-    def to_normal(self, x: torch.Tensor, coordinates: torch.Tensor | None = None) -> torch.Tensor:
-        return self._generate("a2n", x, coordinates)
+    def to_normal(self, x: torch.Tensor, coordinates: torch.Tensor | None = None, generator: str = "a2n") -> torch.Tensor:
+        return self._generate(generator, x, coordinates)

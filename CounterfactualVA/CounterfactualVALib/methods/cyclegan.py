@@ -17,6 +17,8 @@ that what is normal *at a place* is learnt directly. See docs/design.md ("3D on 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from torch import nn
@@ -80,9 +82,19 @@ class CycleTranslationMethod(Method):
         "unet_channels": [8, 16, 32, 64],
         # model-grid coordinates as extra input channels of every network (generator="unet" only)
         "position_channels": False,
+        # the coordinates for the discriminators only: they learn where a change is abnormal, while the
+        # generators, which never see a coordinate, cannot print one into the map
+        "discriminator_position_channels": False,
         # std of the U-Net generators' last layer at initialisation: ~0 starts at the identity
         "unet_head_init_std": 1e-3,
         "unet_upsample": "transposed",
+        # L1 weight on the change made to an abnormal image, |counterfactual - input| (0: the papers' losses)
+        "lambda_change": 0.0,
+        # discriminators' learning rate as a multiple of `lr` (1: the papers; > 1: two time-scale updates)
+        "lr_d_ratio": 1.0,
+        # exponential moving average of the counterfactual generator's weights, validated and exported
+        # instead of the last weights (0: off, the papers)
+        "ema_decay": 0.0,
     }
     config_specs = (
         OptionSpec("generator", "choice", "resnet", choices=("resnet", "unet"),
@@ -90,6 +102,16 @@ class CycleTranslationMethod(Method):
         OptionSpec("unet_upsample", "choice", "transposed", choices=MapUNet.UPSAMPLING,
                    tooltip="U-Net decoder upsampling: transposed (stride-2 transposed convolutions; prints a 2x2 "
                    "checkerboard into short-trained maps) or linear (1x1 convolution at the coarse level, then interpolation; cheaper)"),
+        OptionSpec("discriminator_position_channels", "bool", False,
+                   tooltip="give only the discriminators the voxels' grid coordinates: they can learn where a change is "
+                   "abnormal, the generators cannot print a coordinate into the map"),
+        OptionSpec("lambda_change", "float", 0.0, minimum=0.0,
+                   tooltip="L1 weight on the change made to an abnormal image (0: the papers' losses)"),
+        OptionSpec("lr_d_ratio", "float", 1.0, minimum=0.01, maximum=100.0,
+                   tooltip="discriminators' learning rate as a multiple of lr (1: the papers)"),
+        OptionSpec("ema_decay", "float", 0.0, minimum=0.0, maximum=0.9999,
+                   tooltip="keep an exponential moving average of the counterfactual generator's weights with this decay "
+                   "and validate/export it (0: off, the papers; 0.99-0.999 on short CPU runs)"),
     )
     training_defaults = {"batch_size": 1}
 
@@ -119,15 +141,45 @@ class CycleTranslationMethod(Method):
         if training:
             # N2A is a helper of the cycle, never used for attribution: with U-Nets it starts at the identity
             nets["n2a"] = generator("tanh", residual=True)
-            d_channels = 1 + (dims if position else 0)
+            d_channels = 1 + (dims if self.discriminators_see_position else 0)
             nets["d_n"] = init_normal_weights(PatchGANDiscriminator(dims, d_channels, c["ndf"], c["n_layers_d"]))
             nets["d_a"] = init_normal_weights(PatchGANDiscriminator(dims, d_channels, c["ndf"], c["n_layers_d"]))
             self.pools = {"normal": ImagePool(c["pool_size"]), "abnormal": ImagePool(c["pool_size"])}
+            if c["ema_decay"] > 0:
+                # a GAN's generator oscillates around what it learns (validation NCC 0.20 then 0.04 a hundred
+                # steps later on the 3D phantoms); the average of its recent weights is steadier. A network of
+                # its own, so the checkpoint carries it and resume stays exact; never optimised.
+                average = copy.deepcopy(nets[self.normal_generator]).requires_grad_(False)
+                nets[self.averaged_generator] = average
             self.adversarial = AdversarialLoss("least_squares")
         return nets
 
-    def to_normal(self, x: torch.Tensor, coordinates: torch.Tensor | None = None) -> torch.Tensor:
-        """The healthy counterpart of `x` (`coordinates`: a patch's position channels; None = x's whole grid)."""
+    @property
+    def averaged_generator(self) -> str:
+        return f"{self.normal_generator}_ema"
+
+    def _inference_generator(self) -> str:
+        """The weights that make counterfactuals outside training: the average when training keeps one."""
+        return self.averaged_generator if self.averaged_generator in self.networks else self.normal_generator
+
+    @torch.no_grad()
+    def _update_average(self) -> None:
+        decay = self.config["ema_decay"]
+        live = self.networks[self.normal_generator].parameters()
+        for average, current in zip(self.networks[self.averaged_generator].parameters(), live):
+            average.lerp_(current.detach(), 1.0 - decay)
+
+    def inference_state_dict(self) -> dict[str, torch.Tensor]:
+        source = self.networks[self._inference_generator()]
+        return {f"{self.normal_generator}.{key}": value for key, value in source.state_dict().items()}
+
+    @property
+    def discriminators_see_position(self) -> bool:
+        return bool(self.config["position_channels"] or self.config["discriminator_position_channels"])
+
+    def to_normal(self, x: torch.Tensor, coordinates: torch.Tensor | None = None, generator: str = "") -> torch.Tensor:
+        """The healthy counterpart of `x` (`coordinates`: a patch's position channels; None = x's whole grid;
+        `generator`: which weights, the live generator by default)."""
         raise NotImplementedError
 
     def _generate(self, name: str, x: torch.Tensor, coordinates: torch.Tensor | None) -> torch.Tensor:
@@ -140,7 +192,7 @@ class CycleTranslationMethod(Method):
 
     def attribute(self, x: torch.Tensor, **options) -> AttributionResult:
         with torch.no_grad():
-            counterfactual = self.to_normal(x)
+            counterfactual = self.to_normal(x, generator=self._inference_generator())
         return AttributionResult(attribution=counterfactual - x, counterfactual=counterfactual)
 
     def configure_optimizers(self, total_steps: int):
@@ -151,7 +203,7 @@ class CycleTranslationMethod(Method):
         discs = list(self.networks["d_n"].parameters()) + list(self.networks["d_a"].parameters())
         return {
             "generators": (torch.optim.Adam(gens, lr=c["lr"], betas=betas), schedule),
-            "discriminators": (torch.optim.Adam(discs, lr=c["lr"], betas=betas), schedule),
+            "discriminators": (torch.optim.Adam(discs, lr=c["lr"] * c["lr_d_ratio"], betas=betas), schedule),
         }
 
     def training_step(self, batch, ctx: TrainingContext):
@@ -163,9 +215,10 @@ class CycleTranslationMethod(Method):
 
         # both patches of a pair come from one position: one set of coordinates serves every image here
         coords = batch.get("coords") if c["position_channels"] else None
-        if c["position_channels"]:
+        if self.discriminators_see_position:
+            d_coords = batch.get("coords")
             def placed(x):  # what the discriminators see: the image and where it is
-                return with_position(x, coords)
+                return with_position(x, d_coords)
         else:
             def placed(x):
                 return x
@@ -183,8 +236,13 @@ class CycleTranslationMethod(Method):
             loss_identity = x_a.new_zeros(())
             if lam_id > 0:  # two generator passes saved when the identity term is off
                 loss_identity = (self.to_normal(x_n, coords) - x_n).abs().mean() + (self._generate("n2a", x_a, coords) - x_a).abs().mean()
-            loss_g = loss_gan + lam_cyc * loss_cycle + lam_id * loss_identity
+            # the change's own L1: once N2A learns to undo any change, the cycle term stops penalising changes
+            # the discriminator did not ask for (the map then follows the anatomy everywhere)
+            loss_change = (fake_n - x_a).abs().mean() if c["lambda_change"] > 0 else x_a.new_zeros(())
+            loss_g = loss_gan + lam_cyc * loss_cycle + lam_id * loss_identity + c["lambda_change"] * loss_change
         ctx.optimize("generators", loss_g)
+        if self.averaged_generator in nets:
+            self._update_average()
 
         # Discriminators: real vs pooled fakes, loss halved as in the CycleGAN reference.
         for d in ("d_n", "d_a"):
@@ -202,6 +260,7 @@ class CycleTranslationMethod(Method):
             "loss_gan": loss_gan.item(),
             "loss_cycle": loss_cycle.item(),
             "loss_identity": loss_identity.item(),
+            "loss_change": loss_change.item(),
             "loss_d_n": loss_d_n.item(),
             "loss_d_a": loss_d_a.item(),
         }

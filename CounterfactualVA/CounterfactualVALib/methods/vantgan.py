@@ -21,10 +21,10 @@ class VANTGAN(CycleTranslationMethod):
     inference_networks = ("a2m",)
     map_description = "counterfactual minus input = A2M(input) (VANT-GAN map generator output)"
 
-    def to_normal(self, x: torch.Tensor, coordinates: torch.Tensor | None = None) -> torch.Tensor:
-        return x + self._generate("a2m", x, coordinates)
+    def to_normal(self, x: torch.Tensor, coordinates: torch.Tensor | None = None, generator: str = "a2m") -> torch.Tensor:
+        return x + self._generate(generator, x, coordinates)
 
     def attribute(self, x: torch.Tensor, **options) -> AttributionResult:
         with torch.no_grad():
-            attribution = self._generate("a2m", x, None)
+            attribution = self._generate(self._inference_generator(), x, None)
         return AttributionResult(attribution=attribution, counterfactual=x + attribution)
