@@ -53,13 +53,12 @@ from .evaluation import (
     evaluate_normative,
     judge_accuracy,
     format_table,
-    lig_ig_ratio,
     load_judge,
     load_split,
-    medxgan_convergence,
     perturbation_drop,
     write_results,
 )
+from .method_checks import lig_ig_ratio, medxgan_convergence
 
 SECTIONS = {"name", "scale", "description", "data", "preprocessing", "training", "models", "judge", "rows", "medxgan", "targets", "examples", "evaluate"}
 

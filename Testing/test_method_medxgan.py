@@ -212,7 +212,7 @@ def test_model_file_round_trip(synthetic_2d, tmp_path):
 def test_inversion_convergence_metrics_rise_as_restarts_converge():
     """medxgan Table 3 on images G made: from random starts of both codes the restarts disagree (cosine ~0,
     SSIM ~0.3); after 300 Adam steps they agree. Measured: cosine -0.02 -> 0.95, SSIM 0.33 -> 0.96."""
-    from CounterfactualVAResearch.evaluation import medxgan_convergence
+    from CounterfactualVAResearch.method_checks import medxgan_convergence
 
     method = _inference_method((32, 32))
     with torch.no_grad():
@@ -226,14 +226,14 @@ def test_inversion_convergence_metrics_rise_as_restarts_converge():
 
 
 def test_lig_ig_ratio_compares_attributed_voxels_on_the_same_classifier():
-    from CounterfactualVAResearch.evaluation import lig_ig_ratio
+    from CounterfactualVAResearch.method_checks import lig_ig_ratio
 
     method = _inference_method((32, 32), seed=2)
     images = [torch.rand(1, 1, 32, 32) * 2 - 1 for _ in range(2)]
     result = lig_ig_ratio(method, images, inversion_steps=20, ig_steps=8)
     # the same quantities computed image by image: attributed fraction of latent IG over that of pixel IG
     from CounterfactualVALib.methods.classifier import integrated_gradients
-    from CounterfactualVAResearch.evaluation import attributed_fraction
+    from CounterfactualVAResearch.method_checks import attributed_fraction
 
     x = torch.cat(images)
     z1, z2, _ = method.invert(x, steps=20)

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from CounterfactualVACLI.cli import main as cli_main
-from CounterfactualVAResearch.evaluation import attributed_fraction, evaluate, perturb_top_voxels
+from CounterfactualVAResearch.evaluation import evaluate, perturb_top_voxels
+from CounterfactualVAResearch.method_checks import attributed_fraction
 from CounterfactualVAResearch.protocol import check_targets, read_protocol, run_protocol
 
 PROTOCOLS = Path(__file__).resolve().parents[1] / "benchmarks" / "protocols"
