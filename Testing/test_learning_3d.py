@@ -1,5 +1,5 @@
 """3D training learns within a CPU minute: the CPU configuration (change-predicting U-Net with an interpolating
-decoder, cycle weight 1, no identity term, batch > 1, anatomy augmentation) trained by the shared loop on a
+decoder, cycle weight 1, no identity term, batch > 1, generator weight average) trained by the shared loop on a
 small 3D cohort localises a planted effect on held-out subjects, far above the untrained model (issue 9)."""
 
 from __future__ import annotations
@@ -22,24 +22,31 @@ PREPROCESSING = {"spatial_dims": 3, "size": [SIZE] * 3, "spacing": [1.0] * 3, "c
 CPU_CONFIG = {
     "generator": "unet", "unet_channels": [8, 16], "unet_upsample": "linear", "ndf": 8, "n_layers_d": 2,
     "lambda_cycle": 1.0, "identity_fraction": 0.0, "decay_start_fraction": 1.0, "lr": 1e-3,
+    "ema_decay": 0.95,
 }
 
 
 def _cohort(folder, n_per_class=40, n_test=8, seed=0):
-    """Smooth random 'anatomy' (std 0.25 around -0.2); abnormal subjects lose intensity (-0.6 at the peak) in a
-    blob whose centre varies by a voxel: an effect at the same place in every patient, against variation."""
+    """A 'brain': one fixed smooth pattern (the anatomy every subject shares), shifted by up to a voxel per axis,
+    plus each subject's own smooth variation and noise; abnormal subjects lose intensity (-0.5 at the peak) in
+    a blob at one place of that anatomy. The effect sits at the same place in every patient, and finding it
+    means telling it from the variation, as in the phantoms, at a size a test can train on in a minute."""
     rng = np.random.default_rng(seed)
+    anatomy = gaussian_filter(np.random.default_rng(123).standard_normal((SIZE + 2,) * 3), 1.5)
+    anatomy = anatomy / anatomy.std() * 0.3 - 0.2
     z, y, x = np.indices((SIZE,) * 3)
     rows = []
     for i in range(2 * n_per_class + 2 * n_test):
         label = i % 2
         split = "test" if i >= 2 * n_per_class else ("val" if i >= 2 * n_per_class - 16 else "train")
-        image = gaussian_filter(rng.standard_normal((SIZE,) * 3), 1.5)
-        image = image / image.std() * 0.25 - 0.2
+        shift = rng.integers(0, 3, 3)
+        own = gaussian_filter(rng.standard_normal((SIZE,) * 3), 1.5)
+        image = anatomy[shift[0]:shift[0] + SIZE, shift[1]:shift[1] + SIZE, shift[2]:shift[2] + SIZE]
+        image = image + own / own.std() * 0.08 + 0.02 * rng.standard_normal((SIZE,) * 3)
         effect = np.zeros_like(image)
         if label:
-            c = np.array([5, 8, 10]) + rng.integers(-1, 2, 3)
-            effect = -0.6 * np.exp(-((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2) / (2 * 1.5**2))
+            c = np.array([5, 8, 10]) - shift + 1
+            effect = -0.5 * np.exp(-((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2) / (2 * 1.5**2))
         write_image((image + effect).astype(np.float32), folder / f"img_{i:03d}.nii.gz")
         mask = ""
         if label:
@@ -57,7 +64,7 @@ def _test_ncc(method, csv_path) -> float:
     return float(np.mean([map_scores(m[0].numpy(), t[0].numpy())["ncc"] for m, t in zip(maps, test.masks[abnormal])]))
 
 
-@pytest.mark.parametrize("augmentation", ["anatomy"])
+@pytest.mark.parametrize("augmentation", ["none"])
 def test_cpu_configuration_learns_a_3d_effect_in_a_minute(tmp_path, augmentation):
     csv_path = _cohort(tmp_path)
     torch.manual_seed(0)
@@ -69,4 +76,7 @@ def test_cpu_configuration_learns_a_3d_effect_in_a_minute(tmp_path, augmentation
     )
     model_file = train(config)
     trained = _test_ncc(load_model(model_file).method, csv_path)
-    assert trained > 0.3 and trained > untrained + 0.25, f"held-out NCC {trained:.3f} (untrained {untrained:.3f})"
+    # measured when written: 0.72 (validation 0.33 / 0.41 / 0.75 / 0.70 / 0.73 / 0.66 every 25 steps), untrained
+    # -0.04; without the weight average the same run swung between 0.07 and 0.74, with discriminator position
+    # channels the map did not leave zero in 200 steps
+    assert trained > 0.45 and trained > untrained + 0.4, f"held-out NCC {trained:.3f} (untrained {untrained:.3f})"
