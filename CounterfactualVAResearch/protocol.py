@@ -362,10 +362,13 @@ def save_examples(protocol: dict, results: list[dict], files: dict, csv_path: Pa
     plt.close(fig)
 
 
-def _hardware(device) -> str:
+def _hardware(device, jobs: int = 1) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {platform.processor() or platform.machine()}), torch {torch.__version__}"
+    threads = f"{torch.get_num_threads()} torch threads"
+    if jobs > 1:  # the trainings ran side by side, each on its share of the cores (_share_cores)
+        threads = f"{jobs} trainings side by side with {max(1, (os.cpu_count() or 1) // jobs)} torch thread(s) each"
+    return f"CPU ({os.cpu_count()} cores, {threads}, {platform.processor() or platform.machine()}), torch {torch.__version__}"
 
 
 def write_report(protocol: dict, report: dict, path: Path) -> None:
@@ -418,7 +421,7 @@ def run_protocol(config_path, out=None, device: str = "auto", jobs: int = 1) -> 
     results = evaluate_rows(protocol, files, csv_path, out, device)
     report = {
         "protocol": protocol,
-        "hardware": _hardware(torch_device),
+        "hardware": _hardware(torch_device, jobs),
         "training": training,
         "results": results,
         "random_perturbation": random_perturbation(protocol, files, csv_path, torch_device),
