@@ -60,8 +60,8 @@ def test_every_registered_method_writes_its_declarations_into_the_model_file(met
     assert [s.name for s in cls.config_schema] == list(cls.default_config)
     for spec in specs + list(cls.config_schema):
         assert spec.coerce(spec.default) == spec.default  # the default is a valid value of its own spec
-        if spec.type in ("int", "float") and spec.minimum is not None:
-            assert spec.minimum <= spec.default <= spec.maximum
+        if spec.type in ("int", "float") and spec.default is not None:  # open bounds are None
+            assert (spec.minimum is None or spec.minimum <= spec.default) and (spec.maximum is None or spec.default <= spec.maximum)
     for spec in specs:
         assert spec.type in FORM_TYPES and spec.label and spec.tooltip  # what a form row needs
 
@@ -81,6 +81,29 @@ def test_every_method_refuses_unknown_options_and_bad_values_before_computing(me
         bad = {"int": 2.5, "float": "fast", "bool": "maybe", "choice": "nosuchchoice", "str": [1]}[spec.type]
         with pytest.raises(ValueError, match=rf"{method}: {spec.name} must be"):
             method_obj.attribute(None, **{spec.name: bad})
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_every_configuration_key_is_documented_and_refuses_values_that_break_training(method):
+    cls = get_method_class(method)
+    undocumented = [spec.name for spec in cls.config_schema if not spec.tooltip.strip()]
+    assert undocumented == [], f"{method}: configuration keys without a tooltip (add an OptionSpec to config_specs): {undocumented}"
+    schema = {spec.name: spec for spec in cls.config_schema}
+    assert {name: spec.default for name, spec in schema.items()} == cls.default_config  # the specs change no default
+    bad = {"lr": 0.0, "lr_d": -1e-4, "content_dis_lr": 0.0, "beta1": 1.0, "ngf": 0, "ndf": 0, "channels": 0,
+           "decay_start_fraction": 1.5, "identity_fraction": -0.1, "attention_threshold": 2.0, "pool_size": -1, "norm": "group"}
+    refused = [name for name in bad if name in schema]
+    assert refused, f"{method} has none of the common keys whose bad values are checked here"
+    for name in refused:
+        with pytest.raises(ValueError, match=rf"{method}: {name} must be"):
+            cls.check_config({name: bad[name]})
+
+
+def test_a_spec_cannot_change_a_default():
+    from CounterfactualVALib.method_options import config_schema
+
+    with pytest.raises(ValueError, match=r"defaults differ from default_config for lr \(0.1 vs 0.0002\)"):
+        config_schema({"lr": 2e-4}, (OptionSpec("lr", "float", 0.1, tooltip="learning rate"),))
 
 
 def test_training_configuration_is_checked_with_the_key_named():
@@ -184,7 +207,9 @@ def test_cli_lists_methods_and_their_declarations():
     assert result.returncode == 0, result.stderr
     assert "samples = 20  (int in [1, 1000])" in result.stdout
     assert "direction = 'to_normal'  (to_normal|to_abnormal|auto)" in result.stdout
-    assert "lambda_kl = 0.01  (float)" in result.stdout and "grid_size = None  (list, or none)" in result.stdout
+    assert "lambda_kl = 0.01  (float in [0, ])  weight of KL(N(mu, sigma^2) || N(0, I)) on the attribute codes" in result.stdout
+    assert "grid_size = None  (list, or none)  model grid" in result.stdout
+    assert "lr = 0.0001  (float in [1e-08, 1])  Adam learning rate of" in result.stdout
 
 
 @pytest.mark.parametrize("method", available_methods())

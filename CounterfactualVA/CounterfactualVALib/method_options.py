@@ -150,6 +150,13 @@ def config_schema(default_config: dict, described: tuple = ()) -> tuple[OptionSp
     extra = set(by_name) - set(default_config)
     if extra:
         raise ValueError(f"config_specs describe keys that default_config lacks: {sorted(extra)}")
+    # one default per key: a spec's default is what check_config fills in, so it must be default_config's
+    differ = sorted(name for name, spec in by_name.items() if spec.default != default_config[name])
+    if differ:
+        raise ValueError(
+            "config_specs defaults differ from default_config for "
+            + ", ".join(f"{name} ({by_name[name].default!r} vs {default_config[name]!r})" for name in differ)
+        )
     return tuple(by_name.get(name) or inferred_spec(name, default) for name, default in default_config.items())
 
 

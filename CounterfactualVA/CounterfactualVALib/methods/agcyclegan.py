@@ -35,6 +35,7 @@ from ..networks import ImagePool, PatchGANDiscriminator, ResNetGenerator, init_n
 from ..networks.attention import AttentionNetwork
 from .base import AttributionResult, Method, TrainingContext
 from .losses import AdversarialLoss
+from .shared_specs import adam_beta, cycle_weight, decay_start_fraction, image_pool, learning_rate, patchgan_specs, resnet_generator_specs
 
 
 def compose(x: torch.Tensor, translated: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,29 @@ class AttentionCycleGAN(Method):
         "attention_threshold": 0.1,
     }
     config_specs = (
+        *resnet_generator_specs(),
+        *patchgan_specs(),
+        OptionSpec(
+            "attention_channels", "list", [32, 64],
+            tooltip="the attention networks' two widths: their stride-2 down-sampling layers, mirrored by the up-sampling layers",
+        ),
         OptionSpec("gan_loss", "choice", "hinge", tooltip="adversarial loss: hinge (SA-GAN) or lsgan (least squares)", choices=("hinge", "lsgan")),
+        cycle_weight(),
+        learning_rate("lr", 1e-4, "the generators and attention networks"),
+        learning_rate("lr_d", 1e-4, "the discriminators"),
+        adam_beta("beta1", 0.5, 1),
+        adam_beta("beta2", 0.999, 2),
+        decay_start_fraction(),
+        image_pool(),
+        OptionSpec(
+            "attention_freeze_fraction", "float", 0.3, minimum=0.0, maximum=1.0,
+            tooltip="fraction of the steps after which the attention networks are frozen and the discriminators see "
+            "only attended regions (paper: epoch 30 of 100; 1: never)",
+        ),
+        OptionSpec(
+            "attention_threshold", "float", 0.1, minimum=0.0, maximum=1.0,
+            tooltip="attention at or above this marks the region the discriminators see in the second stage",
+        ),
     )
     training_defaults = {"batch_size": 1}
 

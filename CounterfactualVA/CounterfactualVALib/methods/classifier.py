@@ -51,6 +51,7 @@ from ..method_options import OptionSpec
 from ..networks import init_normal_weights
 from ..networks.classifier import ConvClassifier, LogOdds
 from .base import AttributionResult, Method, TrainingContext
+from .shared_specs import adam_beta, learning_rate
 
 EXPLAINERS = ("cam", "gradcam", "integrated_gradients", "occlusion")
 _TARGETS = {"abnormal": 1, "normal": 0}
@@ -129,6 +130,18 @@ class ClassifierBaseline(Method):
         "beta1": 0.9,
         "weight_decay": 0.0,
     }
+    config_specs = (
+        OptionSpec("channels", "int", 64, minimum=1, tooltip="width of the first conv block (PatchGAN ndf), doubled per block up to max_channels"),
+        OptionSpec("n_layers", "int", 3, minimum=1, maximum=10,
+                   tooltip="stride-2 conv blocks (each halves the grid; CAM and Grad-CAM are read at grid / 2**n_layers)"),
+        OptionSpec("norm", "choice", "batch", choices=("batch", "instance", "none"),
+                   tooltip="normalisation of the conv blocks after the first (batch localises best, see networks/classifier.py)"),
+        OptionSpec("max_channels", "int", 512, minimum=1, tooltip="upper bound of the conv blocks' widths"),
+        OptionSpec("dropout", "float", 0.0, minimum=0.0, maximum=0.99, tooltip="dropout before the dense layer while training (0: none)"),
+        learning_rate("lr", 1e-4, "the classifier"),
+        adam_beta("beta1", 0.9, 1),
+        OptionSpec("weight_decay", "float", 0.0, minimum=0.0, maximum=1.0, tooltip="Adam weight decay (L2 penalty on the weights)"),
+    )
     training_defaults = {"batch_size": 16}
     map_description = (
         "classifier saliency for the abnormal class, no counterfactual; explains the log-odds "

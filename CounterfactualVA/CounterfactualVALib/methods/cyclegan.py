@@ -29,6 +29,7 @@ from ..networks.vagan import MapUNet
 from ..method_options import OptionSpec
 from .base import AttributionResult, Method, TrainingContext
 from .losses import AdversarialLoss
+from .shared_specs import adam_beta, cycle_weight, decay_start_fraction, image_pool, learning_rate, patchgan_specs, resnet_generator_specs
 
 
 class ChangeGenerator(nn.Module):
@@ -97,6 +98,21 @@ class CycleTranslationMethod(Method):
         "ema_decay": 0.0,
     }
     config_specs = (
+        *resnet_generator_specs(),
+        *patchgan_specs(),
+        learning_rate("lr", 2e-4, "the generators (the discriminators: lr x lr_d_ratio)"),
+        adam_beta("beta1", 0.5, 1),
+        cycle_weight(),
+        OptionSpec("identity_fraction", "float", 0.5, minimum=0.0, maximum=1.0,
+                   tooltip="identity-loss weight as a fraction of lambda_cycle (generators leave in-domain images unchanged; 0: off)"),
+        image_pool(),
+        decay_start_fraction(),
+        OptionSpec("unet_channels", "list", [8, 16, 32, 64],
+                   tooltip="U-Net generators' widths, one level per entry (at least 2), each level halves the grid (generator=unet only)"),
+        OptionSpec("position_channels", "bool", False,
+                   tooltip="give every network the voxels' model-grid coordinates as extra input channels (generator=unet only)"),
+        OptionSpec("unet_head_init_std", "float", 1e-3, minimum=0.0, maximum=1.0,
+                   tooltip="std of the U-Net generators' last layer at initialisation: near 0 starts training at the identity"),
         OptionSpec("generator", "choice", "resnet", choices=("resnet", "unet"),
                    tooltip="resnet: the papers' generators; unet: light change-predicting U-Nets (CPU budgets, patch training)"),
         OptionSpec("unet_upsample", "choice", "transposed", choices=MapUNet.UPSAMPLING,

@@ -75,6 +75,7 @@ from ..networks.icam import (
 )
 from .base import AttributionResult, Method, TrainingContext
 from .losses import AdversarialLoss, bce_with_logits, gaussian_kl, pair_l1, pair_l2
+from .shared_specs import adam_beta, decay_start_fraction, learning_rate
 
 _DIRECTIONS = ("to_normal", "to_abnormal", "auto")
 _ADVERSARIAL = AdversarialLoss("bce")  # both domain discriminators (the reference's BCE-with-logits GAN)
@@ -178,6 +179,46 @@ class ICAM(Method):
             "grid_size", "list", None, tooltip="model grid, ITK order (x, y[, z]) like --size; none: taken from the preprocessing",
             nullable=True,
         ),
+        OptionSpec("content_channels", "list", [16, 32, 64],
+                   tooltip="content encoder widths: a stem, then one stride-2 level per further entry (z_c at grid / 4 by default)"),
+        OptionSpec("content_res_blocks", "int", 4, minimum=0, maximum=100, tooltip="residual blocks at the end of the content encoder"),
+        OptionSpec("content_noise_std", "float", 1.0, minimum=0.0,
+                   tooltip="std of the Gaussian noise added to the content code while training (0: none)"),
+        OptionSpec("attribute_channels", "list", [16, 32, 48],
+                   tooltip="attribute encoder widths: stride-2 stem, then a mean-pool block per further entry (z_a at grid / 2**(entries + 1))"),
+        OptionSpec("latent_channels", "int", 1, minimum=1, maximum=1024, tooltip="channels of the spatial attribute code z_a"),
+        OptionSpec("generator_code_channels", "int", 16, minimum=1,
+                   tooltip="channels the attribute code is lifted to before it joins the content code in the generator"),
+        OptionSpec("generator_res_blocks", "int", 3, minimum=0, maximum=100, tooltip="residual blocks of the generator before its up-sampling"),
+        OptionSpec("dis_channels", "int", 16, minimum=1, tooltip="width of the domain discriminators' first layer, doubled per layer"),
+        OptionSpec("dis_layers", "int", 4, minimum=1, maximum=10, tooltip="stride-2 layers of the domain discriminators (each halves the grid)"),
+        OptionSpec("dis_max_channels", "int", 256, minimum=1, tooltip="upper bound of the domain discriminators' widths"),
+        OptionSpec("content_dis_channels", "int", 64, minimum=1, tooltip="width of the content discriminator's layers"),
+        OptionSpec("content_dis_layers", "int", 3, minimum=1, maximum=10, tooltip="stride-2 layers of the content discriminator"),
+        OptionSpec("lambda_rec_l1", "float", 100.0, minimum=0.0, tooltip="weight of the L1 reconstruction loss G(z_c(x), z_a(x)) ~ x"),
+        OptionSpec("lambda_rec_l2", "float", 100.0, minimum=0.0, tooltip="weight of the L2 reconstruction loss"),
+        OptionSpec("lambda_cc_l1", "float", 100.0, minimum=0.0, tooltip="weight of the L1 cross-cycle loss (swap the attribute codes twice, get the images back)"),
+        OptionSpec("lambda_cc_l2", "float", 100.0, minimum=0.0, tooltip="weight of the L2 cross-cycle loss"),
+        OptionSpec("lambda_gan", "float", 1.0, minimum=0.0, tooltip="weight of the domain discriminators' real/fake (BCE) loss, for them and for the generator"),
+        OptionSpec("lambda_dis_cls", "float", 1.0, minimum=0.0, tooltip="weight of the domain discriminators' class loss on real images"),
+        OptionSpec("lambda_gen_cls", "float", 5.0, minimum=0.0, tooltip="weight of the class loss the generator gets from the discriminators on its translations"),
+        OptionSpec("lambda_attr_cls", "float", 10.0, minimum=0.0, tooltip="weight of the latent classifier's cross-entropy on the attribute means"),
+        OptionSpec("lambda_content_adv", "float", 1.0, minimum=0.0, tooltip="weight of the content adversarial loss (the class must not be readable from z_c)"),
+        OptionSpec("lambda_kl", "float", 0.01, minimum=0.0, tooltip="weight of KL(N(mu, sigma^2) || N(0, I)) on the attribute codes"),
+        OptionSpec("lambda_content_l2", "float", 0.01, minimum=0.0, tooltip="weight of mean(z_c^2), which keeps the content code small"),
+        OptionSpec("lambda_latent", "float", 1.0, minimum=0.0, tooltip="weight of the latent regression |mu(E_a(G(z_c, z))) - z| for random attribute codes z"),
+        OptionSpec("lambda_fa", "float", 10.0, minimum=0.0, tooltip="weight of the L1 penalty on the feature-attribution maps (translation minus input)"),
+        OptionSpec("rejection_candidates", "int", 64, minimum=1, maximum=1_000_000,
+                   tooltip="random attribute codes drawn at once during training, of which those the classifier accepts are used"),
+        OptionSpec("rejection_threshold", "float", 0.5, minimum=0.0, maximum=1.0,
+                   tooltip="a drawn code is accepted for training when the latent classifier gives its class more than this"),
+        learning_rate("lr", 1e-4, "the encoders, generator, classifier and domain discriminators"),
+        adam_beta("beta1", 0.5, 1),
+        adam_beta("beta2", 0.999, 2),
+        OptionSpec("weight_decay", "float", 1e-4, minimum=0.0, maximum=1.0, tooltip="Adam weight decay of every network"),
+        learning_rate("content_dis_lr", 4e-5, "the content discriminator"),
+        OptionSpec("content_dis_clip", "float", 5.0, minimum=1e-6, tooltip="gradient-norm clipping of the content discriminator's updates"),
+        decay_start_fraction(),
     )
     training_defaults = {"batch_size": 1}
 

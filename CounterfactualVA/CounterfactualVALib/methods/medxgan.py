@@ -41,6 +41,7 @@ from ..networks.medxgan import FrozenNetwork, MedXGenerator, medxgan_discriminat
 from .base import AttributionResult, Method, TrainingContext
 from .classifier import ClassifierBaseline
 from .losses import AdversarialLoss
+from .shared_specs import adam_beta, learning_rate
 
 _ADVERSARIAL = AdversarialLoss("bce")  # the standard GAN game of the reference code
 
@@ -97,6 +98,30 @@ class MedXGAN(Method):
         "inversion_mse_weight": 4.0,
         "validation_inversion_steps": 50,  # the loop's validation inverts every held-out image: keep it short
     }
+    config_specs = (
+        OptionSpec("classifier_model", "str", None, nullable=True,
+                   tooltip="model file of the classifier to explain, trained with --method classifier on the same data and grid (required for training)"),
+        OptionSpec("classifier_config", "any", None,
+                   tooltip="the frozen classifier's configuration, copied from classifier_model when training (do not set)"),
+        OptionSpec("classifier_preprocessing", "any", None,
+                   tooltip="the frozen classifier's preprocessing, copied from classifier_model when training (do not set)"),
+        OptionSpec("grid_shape", "list", None, nullable=True,
+                   tooltip="model grid in tensor order (z, y, x) / (y, x), taken from the classifier file when training"),
+        OptionSpec("z1_dim", "int", 1000, minimum=1, maximum=100_000, tooltip="size of the anatomy code z1 (paper, MRI: 1000)"),
+        OptionSpec("z2_dim", "int", 100, minimum=1, maximum=100_000, tooltip="size of the pathology code z2, all zeros for normal images (paper, MRI: 100)"),
+        OptionSpec("ngf", "int", 64, minimum=1, tooltip="generator width before its last up-sampling, doubled per earlier one (up to 8x)"),
+        OptionSpec("ndf", "int", 64, minimum=1, tooltip="discriminator width of its first layer, doubled per layer"),
+        OptionSpec("n_up", "int", 0, minimum=0, maximum=12,
+                   tooltip="generator up-samplings (each doubles the grid); 0: as many as leave ~4 voxels on the start grid's shortest side"),
+        learning_rate("lr", 2e-4, "the generator and the discriminator"),
+        adam_beta("beta1", 0.5, 1),
+        OptionSpec("lambda_class", "float", 2.0, minimum=0.0,
+                   tooltip="weight of the frozen classifier's cross-entropy that makes generated images show the intended class"),
+        OptionSpec("inversion_mse_weight", "float", 4.0, minimum=0.0,
+                   tooltip="weight of the image MSE against the classifier-probability BCE when inverting a scan into codes"),
+        OptionSpec("validation_inversion_steps", "int", 50, minimum=0, maximum=100_000,
+                   tooltip="inversion steps per held-out image during the loop's validation (short: validation inverts every image)"),
+    )
     training_defaults = {"batch_size": 16}  # 16 normal + 16 abnormal: the reference batch of 32
     map_description = (
         "counterfactual minus input = G(z1, 0) - G(z1, z2) after latent inversion of the input "

@@ -38,7 +38,9 @@ import torch
 from torch import nn
 
 from ..networks.vagan import C3DCritic, MapUNet
+from ..method_options import OptionSpec
 from .base import AttributionResult, Method, TrainingContext
+from .shared_specs import adam_beta, learning_rate
 
 
 def critic_gradient_norm(critic: nn.Module, points: torch.Tensor, create_graph: bool = True) -> torch.Tensor:
@@ -93,18 +95,38 @@ class VAGAN(Method):
         "warmup_generator_steps": 25,
         "warmup_every": 100,
     }
+    config_specs = (
+        OptionSpec("channels", "list", [16, 32, 64, 128],
+                   tooltip="the map generator U-Net's widths, one level per entry (at least 2), each level halves the grid"),
+        OptionSpec("critic_channels", "list", [16, 32, 64, 128, 256],
+                   tooltip="the critic's width per stage; every stage after the first starts with a 2x max-pool"),
+        OptionSpec("critic_convs_per_stage", "list", [1, 1, 2, 2, 3],
+                   tooltip="3x3 convolutions per critic stage, one entry per critic_channels entry"),
+        OptionSpec("critic_negative_slope", "float", 0.0, minimum=0.0, maximum=1.0,
+                   tooltip="negative slope of the critic's leaky ReLUs (0: plain ReLU, the public code)"),
+        OptionSpec("counterfactual", "choice", "additive", choices=("additive", "tanh"),
+                   tooltip="additive: y = x + M(x) (the map is M(x)); tanh: y = tanh(x + M(x)) (the public code; a poor fit to [-1, 1] inputs)"),
+        learning_rate("lr", None, "the generator and the critic (none: 1e-3 in 3D, 1e-4 in 2D, the public configurations)", nullable=True),
+        adam_beta("beta1", 0.0, 1),
+        adam_beta("beta2", 0.9, 2),
+        OptionSpec("lambda_gp", "float", 10.0, minimum=0.0, tooltip="weight of the WGAN-GP gradient penalty on the critic"),
+        OptionSpec("lambda_l1", "float", 100.0, minimum=0.0,
+                   tooltip="weight of the L1 penalty on the map at the paper's grid; scaled by sqrt(grid voxels / l1_reference_voxels)"),
+        OptionSpec("l1_reference_voxels", "int", None, minimum=0, nullable=True,
+                   tooltip="voxel count at which lambda_l1 applies unscaled (none: the paper's grid, 112^2 or 128x160x112; 0: no scaling)"),
+        OptionSpec("critic_iters", "int", 5, minimum=0, maximum=1000, tooltip="critic updates before each generator update"),
+        OptionSpec("critic_iters_warmup", "int", 100, minimum=0, maximum=10_000,
+                   tooltip="critic updates before the first warmup_generator_steps generator updates and every warmup_every-th"),
+        OptionSpec("warmup_generator_steps", "int", 25, minimum=0, tooltip="generator updates that get critic_iters_warmup critic updates first"),
+        OptionSpec("warmup_every", "int", 100, minimum=0, tooltip="every this many generator updates the critic gets critic_iters_warmup updates again (0: never)"),
+    )
     # The public 3D configuration: batch 2 with 6 accumulated gradients (effective 12); 2D synthetic used 32.
     training_defaults = {"batch_size": 12}
 
     def __init__(self, spatial_dims: int, config: dict | None = None, training: bool = False):
         super().__init__(spatial_dims, config, training)
-        if self.config["counterfactual"] not in ("additive", "tanh"):
-            raise ValueError(f"vagan: counterfactual must be 'additive' or 'tanh', got {self.config['counterfactual']!r}")
         if self.config["lr"] is None:
             self.config["lr"] = 1e-3 if spatial_dims == 3 else 1e-4
-        reference = self.config["l1_reference_voxels"]
-        if reference is not None and (not isinstance(reference, (int, float)) or reference < 0):
-            raise ValueError(f"vagan: l1_reference_voxels must be a voxel count (0: no scaling), got {reference!r}")
         if self.config["counterfactual"] == "tanh":
             self.map_description = "counterfactual minus input = y - x, y = tanh(x + M(x)) (VA-GAN map generator M)"
 

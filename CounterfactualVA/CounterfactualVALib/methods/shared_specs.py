@@ -1,0 +1,63 @@
+"""Configuration specs of the networks and optimiser settings that several methods share (the CycleGAN ResNet
+generator, the PatchGAN discriminator, Adam), so that each key is described once. A method lists them in its
+``config_specs`` next to its own; a spec's default must equal the method's ``default_config`` value (checked
+by :func:`~CounterfactualVALib.method_options.config_schema`)."""
+
+from __future__ import annotations
+
+from ..method_options import OptionSpec
+
+#: smallest learning rate accepted: a rate of 0 (or below) would leave the networks untrained without a word
+MIN_LR = 1e-8
+#: Adam's betas must lie in [0, 1)
+MAX_BETA = 0.9999
+
+
+def learning_rate(name: str, default, what: str, nullable: bool = False) -> OptionSpec:
+    return OptionSpec(name, "float", default, tooltip=f"Adam learning rate of {what}", minimum=MIN_LR, maximum=1.0, nullable=nullable)
+
+
+def adam_beta(name: str, default: float, which: int) -> OptionSpec:
+    role = "first-moment (momentum)" if which == 1 else "second-moment"
+    return OptionSpec(name, "float", default, tooltip=f"Adam beta{which}, the {role} decay rate", minimum=0.0, maximum=MAX_BETA)
+
+
+def decay_start_fraction(default: float = 0.5) -> OptionSpec:
+    return OptionSpec(
+        "decay_start_fraction", "float", default, minimum=0.0, maximum=1.0,
+        tooltip="fraction of the steps at constant learning rate; it then falls linearly to zero (1: constant throughout)",
+    )
+
+
+def image_pool(default: int = 50) -> OptionSpec:
+    return OptionSpec(
+        "pool_size", "int", default, minimum=0, maximum=10_000,
+        tooltip="earlier fakes kept per domain; the discriminators see one of them half of the time (0: no pool)",
+    )
+
+
+def resnet_generator_specs() -> tuple[OptionSpec, ...]:
+    """The CycleGAN ResNet generator (``networks.ResNetGenerator``)."""
+    return (
+        OptionSpec("ngf", "int", 64, minimum=1, tooltip="width of the ResNet generators' first layer, doubled at each down-sampling"),
+        OptionSpec("n_blocks", "int", 9, minimum=0, maximum=100, tooltip="residual blocks at the ResNet generators' bottleneck (paper: 9)"),
+        OptionSpec(
+            "n_downsampling", "int", 2, minimum=0, maximum=8,
+            tooltip="stride-2 down-samplings (and as many up-samplings) of the ResNet generators; grid sides must divide by 2**n",
+        ),
+    )
+
+
+def patchgan_specs() -> tuple[OptionSpec, ...]:
+    """The PatchGAN discriminators (``networks.PatchGANDiscriminator``)."""
+    return (
+        OptionSpec("ndf", "int", 64, minimum=1, tooltip="width of the PatchGAN discriminators' first layer, doubled per layer"),
+        OptionSpec(
+            "n_layers_d", "int", 3, minimum=1, maximum=8,
+            tooltip="stride-2 layers of the PatchGAN discriminators (3: 70-voxel patches); each halves the grid, keep it above 1 voxel",
+        ),
+    )
+
+
+def cycle_weight(default: float = 10.0) -> OptionSpec:
+    return OptionSpec("lambda_cycle", "float", default, minimum=0.0, tooltip="weight of the cycle-consistency L1 loss, per direction")
