@@ -162,6 +162,41 @@ def test_every_metadata_value_is_checked_with_its_reason(model, scan, tmp_path, 
     assert "invalid literal" not in err
 
 
+@pytest.mark.parametrize(
+    "edit, fragments",
+    [
+        (lambda m: m["method_config"].pop("ngf"), ["its method configuration lacks ['ngf']", "do not fit the stored weights", "retrain"]),
+        (lambda m: m["preprocessing"].pop("spatial_dims"), ["preprocessing lacks ['spatial_dims']", "retrain"]),
+        (lambda m: m["method_config"].update(ngf=0), ["vantgan: ngf must be between 1 and", "retrain"]),
+        (lambda m: m["method_config"].update(ngff=8), ["unknown configuration keys ['ngff']", "retrain"]),
+    ],
+    ids=["missing width", "missing grid key", "width out of range", "unknown key"],
+)
+def test_a_restamped_model_with_an_incomplete_or_bad_configuration_is_refused_by_key(model, scan, tmp_path, edit, fragments):
+    """A hand-edited header whose checksum was re-stamped used to reach the networks unchecked ('internal error')."""
+    edited = edit_model_metadata(model, tmp_path / "edited.safetensors", edit, restamp=True)
+    code, _, err = run_cli_in_process("attribute", "--model", edited, "--input", scan, "--out", tmp_path / "out", "--no-figure")
+    assert_refused(code, err, *fragments)
+    assert "internal error" not in err and not (tmp_path / "out").exists()
+
+
+def test_a_model_lacking_keys_whose_defaults_fit_its_weights_still_explains_the_same(model, scan, tmp_path):
+    """Keys a file does not state get this version's defaults when the weights fit them (files written before a
+    key existed): training-only keys, and architecture keys whose default is the value trained with."""
+    def drop(metadata):
+        for key in ("lr", "pool_size", "generator", "unet_upsample", "n_downsampling"):  # n_downsampling: 2, the default
+            metadata["method_config"].pop(key)
+
+    edited = edit_model_metadata(model, tmp_path / "edited.safetensors", drop, restamp=True)
+    maps = []
+    for name, path in (("original", model), ("edited", edited)):
+        code, _, err = run_cli_in_process("attribute", "--model", path, "--input", scan, "--out", tmp_path / name, "--no-figure")
+        assert code == 0, err
+        maps.append(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name / "scan_attribution.nii.gz"))))
+    np.testing.assert_array_equal(maps[0], maps[1])
+    assert np.abs(maps[0]).max() > 0
+
+
 def test_unexpected_errors_end_with_an_error_line_and_a_logged_traceback(model, scan, tmp_path, monkeypatch):
     import CounterfactualVALib.inference as inference
 

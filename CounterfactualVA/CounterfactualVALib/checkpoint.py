@@ -33,6 +33,8 @@ METADATA_KEY = "counterfactualva"
 CHECKSUM_KEY = "counterfactualva_sha256"
 REQUIRED_KEYS = ("format", "format_version", "method", "method_config", "preprocessing", "classes", "normal_class", "networks")
 UPGRADE_COMMAND = "python -m CounterfactualVALib.checkpoint upgrade"
+#: preprocessing keys a model file must state: the model grid
+GRID_KEYS = ("spatial_dims", "size", "spacing")
 
 
 class ModelFileError(InputError):
@@ -233,6 +235,14 @@ def _check_values(path: Path, data: dict) -> None:
                 raise ModelFileError(f"{path}: metadata '{key}' is not a list of option declarations ({exc})", damaged) from None
     from .preprocessing import PreprocessingConfig
 
+    # the grid the networks were trained on has no default that is right for every model: refused when missing
+    # (other preprocessing keys default to what versions before them did)
+    absent = [key for key in GRID_KEYS if key not in data["preprocessing"]]
+    if absent:
+        raise ModelFileError(
+            f"{path}: the model's preprocessing lacks {absent}, so the grid the model was trained on is unknown",
+            "the metadata was edited or damaged: use the model file exactly as `counterfactualva train` wrote it, or retrain the model.",
+        )
     try:
         PreprocessingConfig.from_dict(data["preprocessing"])
     except (TypeError, ValueError) as exc:

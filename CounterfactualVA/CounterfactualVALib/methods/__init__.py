@@ -51,19 +51,36 @@ def create_method(name: str, spatial_dims: int, config: dict | None = None, trai
 
 
 def load_method(model_path, device, expected_method: str | None = None):
-    """(metadata, method) from a model file: metadata and weights checked, inference networks on `device`, eval mode."""
-    from ..checkpoint import load_model_file
-    from ..imageio import InputError
+    """(metadata, method) from a model file: metadata and weights checked, inference networks on `device`, eval mode.
+
+    The stored method configuration is checked against the method's schema: unknown keys and bad values are
+    refused by name. Keys it lacks get this version's defaults (a key added after the file was written defaults
+    to what earlier versions did), and the weights must then fit the networks exactly (every tensor's name and
+    shape): a missing key the networks' shapes depend on (a width, a depth) is refused by name unless the
+    default is the value the file was trained with."""
+    from .. import __version__
+    from ..checkpoint import ModelFileError, load_model_file
 
     metadata, tensors = load_model_file(model_path, expected_method)
-    method = create_method(metadata.method, metadata.spatial_dims, metadata.method_config, training=False)
+    stored = metadata.method_config
+    missing = [key for key in get_method_class(metadata.method).default_config if key not in stored]
+    fix = (
+        f"use the model file exactly as `counterfactualva train` wrote it, or retrain (or re-export) the model with "
+        f"counterfactualva {__version__}."
+    )
+    lacks = f"its method configuration lacks {missing} (this version's defaults do not fit the stored weights)" if missing else ""
+    try:
+        method = create_method(metadata.method, metadata.spatial_dims, stored, training=False)
+    except (ValueError, TypeError) as exc:  # the schema's checks, or a network refusing a value
+        what = lacks or f"its method configuration is not valid for this version's {metadata.method}"
+        raise ModelFileError(f"{model_path}: {what} ({' '.join(str(exc).split())[:300]})", fix) from None
     try:
         method.load_inference_state_dict(tensors)
     except RuntimeError as exc:
-        raise InputError(
-            f"{model_path}: its weights do not fit the {metadata.method} networks described in its metadata ({str(exc)[:200]}). "
-            "The file was edited or written by an incompatible version."
-        ) from None
+        what = lacks or (
+            f"its weights do not fit the {metadata.method} networks described in its metadata ({' '.join(str(exc).split())[:200]})"
+        )
+        raise ModelFileError(f"{model_path}: {what}", fix) from None
     return metadata, method.to(device).eval()
 
 
