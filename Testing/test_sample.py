@@ -18,17 +18,19 @@ SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 MODEL = SAMPLES / "vantgan_phantom3d.safetensors"
 SCAN = SAMPLES / "phantom_atrophy.nii.gz"
 
-# Brain-masked NCC of |map| with |ground-truth difference| on held-out phantoms (seed 4321, never seen in
-# training), measured when the sample was built: 0.24 and 0.18 (mean 0.21) for the shipped model, -0.02 and
-# -0.03 for an untrained generator of the same architecture. The bar sits at about half the measured mean:
-# far above what an untrained or broken model reaches, with room for platform float differences.
+# Brain-masked NCC of |map| with |ground-truth difference| on held-out varied-recipe phantoms (seed 4321, never
+# seen in training or selection; 12 subjects, 6 abnormal), measured when the sample was built: 0.25, 0.30, 0.33,
+# 0.07, 0.05, 0.22 (mean 0.20) for the shipped model, -0.03 on average for an untrained generator of the same
+# architecture. The bar sits at half the measured mean: far above what an untrained or broken model reaches,
+# with room for platform float differences.
 NCC_BAR = 0.10
 
 
 def test_sample_model_records_how_it_was_made():
     metadata = read_metadata(MODEL)
     assert metadata.method == "vantgan" and metadata.spatial_dims == 3
-    assert metadata.training["command"].startswith("counterfactualva train --method vantgan")
+    # built by `benchmarks/make_sample.py`: the CPU protocol's VANT-GAN, trained by the protocol's training loop
+    assert metadata.training["command"].startswith(("counterfactualva train --method vantgan", "counterfactualva protocol"))
     assert metadata.training["data"].endswith("cohort.csv")
     assert metadata.preprocessing["spacing"] == [4.0, 4.0, 4.0]
 
@@ -43,7 +45,9 @@ def _brain_ncc(model, record, out):
 
 
 def test_sample_map_correlates_with_planted_atrophy(tmp_path):
-    csv_path = generate_phantom_cohort(tmp_path / "heldout", n_subjects=4, spacing_mm=4.0, seed=4321, val_fraction=0, test_fraction=0)
+    csv_path = generate_phantom_cohort(
+        tmp_path / "heldout", n_subjects=12, spacing_mm=4.0, seed=4321, val_fraction=0, test_fraction=0, recipe="varied"
+    )
     abnormal = [r for r in read_cohort_csv(csv_path) if r["label"] == 1]
     meta = read_metadata(MODEL)
     untrained = create_method(meta.method, meta.spatial_dims, meta.method_config)
@@ -51,4 +55,4 @@ def test_sample_map_correlates_with_planted_atrophy(tmp_path):
     trained_scores = [_brain_ncc(MODEL, r, tmp_path / f"t{i}") for i, r in enumerate(abnormal)]
     untrained_scores = [_brain_ncc(untrained_path, r, tmp_path / f"u{i}") for i, r in enumerate(abnormal)]
     assert np.mean(trained_scores) > NCC_BAR, trained_scores
-    assert np.mean(trained_scores) > np.mean(untrained_scores) + 0.05, (trained_scores, untrained_scores)
+    assert np.mean(trained_scores) > np.mean(untrained_scores) + 0.1, (trained_scores, untrained_scores)
