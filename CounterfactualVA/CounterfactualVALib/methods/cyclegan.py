@@ -120,14 +120,14 @@ class CycleTranslationMethod(Method):
                    "checkerboard into short-trained maps) or linear (1x1 convolution at the coarse level, then interpolation; cheaper)"),
         OptionSpec("discriminator_position_channels", "bool", False,
                    tooltip="give only the discriminators the voxels' grid coordinates: they can learn where a change is "
-                   "abnormal, the generators cannot print a coordinate into the map"),
+                   "abnormal, the generators cannot print a coordinate into the map (measured: slows the map's learning, docs/design.md)"),
         OptionSpec("lambda_change", "float", 0.0, minimum=0.0,
                    tooltip="L1 weight on the change made to an abnormal image (0: the papers' losses)"),
         OptionSpec("lr_d_ratio", "float", 1.0, minimum=0.01, maximum=100.0,
                    tooltip="discriminators' learning rate as a multiple of lr (1: the papers)"),
         OptionSpec("ema_decay", "float", 0.0, minimum=0.0, maximum=0.9999,
                    tooltip="keep an exponential moving average of the counterfactual generator's weights with this decay "
-                   "and validate/export it (0: off, the papers; 0.99-0.999 on short CPU runs)"),
+                   "and validate/export it (0: off, the papers; steadier on small problems, no gain on the 3D CPU protocol: docs/design.md)"),
     )
     training_defaults = {"batch_size": 1}
 
