@@ -80,3 +80,15 @@ def test_cpu_configuration_learns_a_3d_effect_in_a_minute(tmp_path, augmentation
     # -0.04; without the weight average the same run swung between 0.07 and 0.74, with discriminator position
     # channels the map did not leave zero in 200 steps
     assert trained > 0.45 and trained > untrained + 0.4, f"held-out NCC {trained:.3f} (untrained {untrained:.3f})"
+
+
+def test_training_leaves_denormal_floats_representable(tmp_path):
+    """Training flushes denormals for speed; the process (a Slicer console, a test run) gets IEEE floats back."""
+    import sys as _sys
+
+    csv_path = _cohort(tmp_path, n_per_class=10, n_test=2)
+    config = TrainingConfig(method="vantgan", data=str(csv_path), out=str(tmp_path / "run"), preprocessing=PREPROCESSING,
+                            method_config=CPU_CONFIG, steps=2, batch_size=2, val_every=2, checkpoint_every=2, command="pytest")
+    train(config)
+    tiny = np.array([_sys.float_info.min]) / np.array([4.0])  # computed on the CPU's vector unit, where FTZ acts
+    assert tiny[0] != 0 and float(torch.tensor(1e-45) * 1.0) != 0, "denormals are still flushed to zero after training"

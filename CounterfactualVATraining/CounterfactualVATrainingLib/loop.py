@@ -89,12 +89,6 @@ class Trainer:
         self.out = Path(config.out)
         self.dist = distributed.setup()
         self.device = self._device()
-        if self.device.type == "cpu":
-            # Near-zero-initialised heads (the change-predicting U-Nets start at ~1e-3), their gradients and
-            # Adam's second moments can reach denormal floats, which x86 CPUs compute many times slower;
-            # flushing them to zero changes nothing a model learns (process-wide; training runs in its own
-            # process).
-            torch.set_flush_denormal(True)
         self.preprocessing = PreprocessingConfig(**config.preprocessing)
         method_class = get_method_class(config.method)
         self.batch_size = config.batch_size or method_class.training_defaults.get("batch_size", 1)
@@ -339,4 +333,13 @@ def train(config: TrainingConfig, progress=None, should_stop=None) -> Path | Non
     """Train and return the model file path (None if cancelled; the checkpoint allows --resume)."""
     if not config.command:
         config.command = shlex.join(["counterfactualva"] + sys.argv[1:]) if sys.argv and sys.argv[0] else ""
-    return Trainer(config, progress, should_stop).fit()
+    # Near-zero-initialised heads (the change-predicting U-Nets start at ~1e-3), their gradients and Adam's
+    # second moments can reach denormal floats, which x86 CPUs compute many times slower; flushing them to zero
+    # changes nothing a model learns. The setting is process-wide, so it is undone when training ends (a
+    # console or test process that trains in-process keeps IEEE behaviour afterwards).
+    flushing = torch.set_flush_denormal(True)
+    try:
+        return Trainer(config, progress, should_stop).fit()
+    finally:
+        if flushing:
+            torch.set_flush_denormal(False)
