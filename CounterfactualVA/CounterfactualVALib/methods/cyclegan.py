@@ -139,8 +139,6 @@ class CycleTranslationMethod(Method):
     def build_networks(self, training: bool):
         c, dims = self.config, self.spatial_dims
 
-        if c["generator"] not in ("resnet", "unet"):
-            raise ValueError(f"{self.name}: generator must be 'resnet' or 'unet', got {c['generator']!r}")
         if c["position_channels"] and c["generator"] != "unet":
             raise ValueError(f"{self.name}: position_channels needs generator=unet (the ResNet generators take one channel).")
         position = bool(c["position_channels"])
