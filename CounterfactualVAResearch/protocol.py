@@ -60,6 +60,8 @@ from .evaluation import (
 )
 from .method_checks import lig_ig_ratio, medxgan_convergence
 
+#: written beside a model when its training has run to its end: the mark of a model a rerun may reuse
+TIMING_NAME = "protocol_timing.json"
 SECTIONS = {"name", "scale", "description", "data", "preprocessing", "training", "models", "judge", "rows", "medxgan", "targets", "examples", "evaluate"}
 
 
@@ -146,7 +148,13 @@ def _train_one(name: str, spec: dict, protocol: dict, csv_path: Path, out: Path,
     if train(config) is None:
         raise RuntimeError(f"training of {name} stopped; run the same protocol command again to resume.")
     # wall time kept beside the model, so a rerun that reuses the model still reports it
-    (run_dir / "protocol_timing.json").write_text(json.dumps({"wall_s": round(time.perf_counter() - started, 1)}))
+    (run_dir / TIMING_NAME).write_text(json.dumps({"wall_s": round(time.perf_counter() - started, 1)}))
+
+
+def _finished(model_file: Path) -> bool:
+    """A model whose training ran to its end (steps or time budget). The loop also writes model.safetensors at
+    every better validation, so that file alone may be an interrupted run's snapshot, which must be resumed."""
+    return model_file.is_file() and (model_file.parent / TIMING_NAME).is_file()
 
 
 def _share_cores(threads: int) -> None:
@@ -164,7 +172,7 @@ def train_models(protocol: dict, csv_path: Path, out: Path, device: str, jobs: i
     files = {name: out / "models" / name / MODEL_NAME for name in specs}
     pending = []
     for name in specs:
-        if files[name].is_file():
+        if _finished(files[name]):
             _log(f"{name}: reusing {files[name]}")
         else:
             pending.append(name)
@@ -182,7 +190,7 @@ def train_models(protocol: dict, csv_path: Path, out: Path, device: str, jobs: i
             running = {}
             while pending or running:
                 for name in list(pending):
-                    ready = all(files[d].is_file() for d in _references(specs[name].get("config", {})))
+                    ready = all(_finished(files[d]) for d in _references(specs[name].get("config", {})))
                     if ready and len(running) < jobs:
                         running[pool.submit(_train_one, name, specs[name], protocol, csv_path, out, device, files)] = name
                         pending.remove(name)
@@ -194,7 +202,7 @@ def train_models(protocol: dict, csv_path: Path, out: Path, device: str, jobs: i
                     future.result()  # a failed training stops the protocol with its own error
     summaries = {}
     for name, spec in specs.items():
-        timing_file = files[name].parent / "protocol_timing.json"
+        timing_file = files[name].parent / TIMING_NAME
         training = read_metadata(files[name]).training
         log = files[name].parent / "log.csv"
         trained_steps = trained_minutes = None

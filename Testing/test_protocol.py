@@ -74,6 +74,24 @@ def test_report_files_and_rerun_reuses_every_stage(tiny_run):
     assert again["training"]["vantgan"]["wall_s"] == report["training"]["vantgan"]["wall_s"]
 
 
+def test_an_interrupted_model_is_resumed_not_reused(tiny_run, tmp_path):
+    """The loop writes model.safetensors at every better validation, so after a kill a model file can be a
+    snapshot of a run that never reached its steps or time budget: a rerun must resume it, not evaluate it
+    (a classifier killed after 1.5 of its 5 minutes was once reused as if finished)."""
+    import shutil
+
+    from CounterfactualVAResearch.protocol import TIMING_NAME, train_models
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run[0], out)
+    judge_dir, vantgan_dir = out / "models" / "judge", out / "models" / "vantgan"
+    (judge_dir / TIMING_NAME).unlink()  # the judge's run was killed after its last snapshot
+    vantgan_before = (vantgan_dir / "model.safetensors").stat().st_mtime_ns
+    train_models(read_protocol(TINY), out / "data" / "cohort.csv", out, "cpu")
+    assert (judge_dir / TIMING_NAME).is_file()  # resumed to its end this time
+    assert (vantgan_dir / "model.safetensors").stat().st_mtime_ns == vantgan_before  # a finished model is reused
+
+
 def test_targets_are_checked_and_reported_honestly(tiny_run):
     _, report = tiny_run
     protocol = {"targets": {"rows": {"VANT-GAN": {"dice": 95.5}}, "ncc_above": [["VANT-GAN"], ["VANT-GAN, untrained", "constant map"]], "validity_min": 0.9}}
