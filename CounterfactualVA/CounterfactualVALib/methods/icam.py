@@ -127,6 +127,13 @@ class ICAM(Method):
             minimum=1, maximum=10_000_000, advanced=True,
         ),
         OptionSpec("seed", "int", 0, "Random seed", "Seed of the random draws (same seed, same result).", minimum=0, maximum=2**31 - 1, advanced=True),
+        OptionSpec(
+            "map_reference", "choice", "input", "Map reference",
+            "input: maps are G(z_c, z) - input (the paper). reconstruction: maps are G(z_c, z) - G(z_c, mu), the "
+            "subject's own reconstruction subtracted, so that what the autoencoder cannot reproduce (texture, noise) "
+            "cancels out; the counterfactual is then the input plus that map.",
+            choices=("input", "reconstruction"), advanced=True,
+        ),
     )
     map_description = (
         "counterfactual minus input: G(z_c(input), z) - input for one attribute code z rejection-sampled from the "
@@ -393,9 +400,14 @@ class ICAM(Method):
                     codes, n_ok, _ = self.sample_codes(
                         samples, target, tuple(mu.shape[1:]), p_accept, max(64, 4 * samples), max_candidates, randn
                     )
-                    generated = self.networks["generator"](z_c.expand(samples, *z_c.shape[1:]), codes.to(z_c.dtype))
-                    maps = (crop_to(generated, shape) - image).float()
-                    counterfactuals.append(crop_to(generated[:1], shape).to(x.dtype))
+                    generated = crop_to(self.networks["generator"](z_c.expand(samples, *z_c.shape[1:]), codes.to(z_c.dtype)), shape)
+                    if o["map_reference"] == "reconstruction":
+                        # a short-trained autoencoder's reconstruction error is as large as an atrophy; the
+                        # difference between two decodings of the same content code does not carry it
+                        reference = crop_to(self.networks["generator"](z_c, mu.to(z_c.dtype)), shape)
+                        generated = image + (generated - reference)
+                    maps = (generated - image).float()
+                    counterfactuals.append(generated[:1].to(x.dtype))
                     means.append(maps.mean(0, keepdim=True))
                     stds.append(maps.std(0, unbiased=False, keepdim=True))
                     probabilities.append(p_abnormal)
