@@ -241,6 +241,29 @@ def evaluate_normative(preprocessing: dict, data_csv, split: str = "test", limit
     return {"model": None, "method": "normative z-score", "split": split, **summarize_scores(maps, test, val_maps, val), "_maps": maps}
 
 
+def population_truth_maps(preprocessing: dict, data_csv, items, reference_split: str = "train") -> list[np.ndarray]:
+    """An oracle reference, not a method: the mean ground-truth map of the abnormal subjects of
+    `reference_split`, given as every subject's map. It scores what a map that knows exactly *where* the
+    effect sits in the population, and nothing about the subject, would score; a method above it has
+    learnt something about the subject itself, a target above it asks for that."""
+    config = PreprocessingConfig.from_dict(preprocessing)
+    patients = abnormal_with_truth(read_cohort_csv(data_csv), reference_split)
+    if not patients:
+        raise ValueError(f"{data_csv}: the population-truth reference needs abnormal subjects with a ground-truth mask in split {reference_split!r}.")
+    mean_truth = np.mean([np.asarray(it[1], np.float32) for it in load_items(patients, config)], axis=0)
+    return [mean_truth for _ in items]
+
+
+def evaluate_population_truth(preprocessing: dict, data_csv, split: str = "test", limit: int | None = None) -> dict:
+    """Scores of :func:`population_truth_maps`, with a validation-chosen threshold."""
+    config = PreprocessingConfig.from_dict(preprocessing)
+    test = load_split(data_csv, config, split, limit)
+    val = load_split(data_csv, config, "val", limit)
+    maps = population_truth_maps(preprocessing, data_csv, test)
+    val_maps = population_truth_maps(preprocessing, data_csv, val) if val else None
+    return {"model": None, "method": "population truth (oracle)", "split": split, **summarize_scores(maps, test, val_maps, val), "_maps": maps}
+
+
 @torch.no_grad()
 def judge_accuracy(judge_model, data_csv, split: str = "test", device="cpu", limit: int | None = None) -> dict:
     """The judge's accuracy on every subject (normal and abnormal) of a split: a judge that cannot tell the

@@ -12,7 +12,8 @@
       "rows": [{"label": "VANT-GAN", "model": "<name>", "options": {...}, "paper": {"dice": 95.5, "iou": 91.4}},
                {"label": "VANT-GAN, untrained", "model": "<name>", "untrained": true},
                {"label": "constant map", "constant": true},
-               {"label": "normative z-score", "normative": true}],  # vs the normal training subjects
+               {"label": "normative z-score", "normative": true},   # vs the normal training subjects
+               {"label": "population truth (oracle)", "population_truth": true}],  # mean training truth
       "medxgan": {"model": "<name>", "images": 8, "runs": 3, "inversion_steps": 500},
       "targets": {"rows": {"VANT-GAN": {"dice": 95.5, "iou": 91.4}}, "ncc_above": [[...], [...]], "validity_min": 0.9,
                   "ncc_min": {"VANT-GAN": 0.5}, "judge_accuracy_min": 0.9,
@@ -51,6 +52,7 @@ from .evaluation import (
     evaluate,
     evaluate_constant,
     evaluate_normative,
+    evaluate_population_truth,
     judge_accuracy,
     format_table,
     load_judge,
@@ -77,11 +79,19 @@ def read_protocol(path) -> dict:
         if key not in protocol:
             raise ValueError(f"{path}: the protocol has no {key!r} section.")
     for row in protocol["rows"]:
-        if not (row.get("constant") or row.get("normative")) and row.get("model") not in protocol["models"]:
+        if not _model_free(row) and row.get("model") not in protocol["models"]:
             raise ValueError(f"{path}: row {row.get('label')!r} names model {row.get('model')!r}, which the 'models' section does not define.")
     if protocol.get("judge") and protocol["judge"] not in protocol["models"]:
         raise ValueError(f"{path}: judge {protocol['judge']!r} is not one of the models.")
     return protocol
+
+
+MODEL_FREE_ROWS = {"constant": evaluate_constant, "normative": evaluate_normative, "population_truth": evaluate_population_truth}
+
+
+def _model_free(row: dict) -> str | None:
+    """The key of a reference row that needs no model (constant map, normative z-score, population truth)."""
+    return next((key for key in MODEL_FREE_ROWS if row.get(key)), None)
 
 
 def _log(message: str) -> None:
@@ -244,10 +254,8 @@ def evaluate_rows(protocol: dict, files: dict, csv_path: Path, out: Path, device
     results = []
     for row in protocol["rows"]:
         started = time.perf_counter()
-        if row.get("constant"):
-            result = evaluate_constant(protocol["preprocessing"], csv_path, limit=settings.get("limit"))
-        elif row.get("normative"):
-            result = evaluate_normative(protocol["preprocessing"], csv_path, limit=settings.get("limit"))
+        if _model_free(row):
+            result = MODEL_FREE_ROWS[_model_free(row)](protocol["preprocessing"], csv_path, limit=settings.get("limit"))
         else:
             model_file = files[row["model"]]
             if row.get("untrained"):
