@@ -135,3 +135,18 @@ def test_interpolating_decoder_keeps_odd_grid_sizes():
     assert net(torch.zeros(1, 1, 21, 23, 19)).shape == (1, 1, 21, 23, 19)
     with pytest.raises(ValueError, match="upsample"):
         MapUNet(3, 1, 1, channels=(4, 8), upsample="nearest-ish")
+
+
+def test_geometry_augmentation_moves_the_head_and_keeps_its_intensities():
+    """"geometry" draws size and pose only: a flat tissue stays at its value (no bias, no contrast change),
+    while the head's extent changes from draw to draw."""
+    flat = torch.full((1, 1) + SHAPE, 0.0)
+    geometry, anatomy = make_augmentation("geometry"), make_augmentation("anatomy")
+    centre = tuple(slice(s // 2 - 2, s // 2 + 2) for s in SHAPE)
+    inside = geometry(flat, torch.Generator().manual_seed(3))[0][(0, 0) + centre]
+    assert torch.allclose(inside, torch.zeros_like(inside), atol=1e-5)
+    changed = anatomy(flat, torch.Generator().manual_seed(3))[0][(0, 0) + centre]
+    assert float((changed - 0.0).abs().max()) > 0.02  # the full augmentation does change intensities
+    image = _head()
+    extents = {int((geometry(image, torch.Generator().manual_seed(seed))[0] > -0.5).sum()) for seed in range(6)}
+    assert len(extents) > 3

@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "fully convolutional methods only (e.g. vantgan with --config generator=unet)")
     p.add_argument("--augmentation", default="none", choices=AUGMENTATIONS,
                    help="anatomy: a new head size, pose, intensity bias and contrast for every training image of "
-                        "every step (no flips, which would move a lateralised effect); none: the images as cached")
+                        "every step (no flips, which would move a lateralised effect); geometry: head size and pose "
+                        "only; none: the images as cached")
     p.add_argument("--spatial-dims", type=int, default=3, choices=[2, 3])
     p.add_argument("--size", type=int, nargs="+", default=[64, 64, 64], help="model grid size (x y [z])")
     p.add_argument("--spacing", type=float, nargs="+", default=[3.0, 3.0, 3.0], help="model grid spacing in mm")

@@ -55,7 +55,8 @@ class TrainingConfig:
     #: domains; None trains on whole volumes. Only for methods whose networks are fully convolutional.
     patch_size: list | None = None
     #: training-time augmentation (`augmentation.AUGMENTATIONS`): "anatomy" draws a new head size, pose,
-    #: intensity bias and contrast for every image of every step (no flips); "none" shows the cached images
+    #: intensity bias and contrast for every image of every step (no flips); "geometry" head size and pose
+    #: only; "none" shows the cached images
     augmentation: str = "none"
     val_every: int = 100
     checkpoint_every: int = 100
