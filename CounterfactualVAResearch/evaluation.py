@@ -231,14 +231,20 @@ def normative_maps(preprocessing: dict, data_csv, items, reference_split: str = 
     return [(mean - it[0][0, 0].numpy()) / np.maximum(std, floor) for it in items]
 
 
-def evaluate_normative(preprocessing: dict, data_csv, split: str = "test", limit: int | None = None) -> dict:
-    """Scores of the normative z-score map (:func:`normative_maps`), with a validation-chosen threshold."""
+def _evaluate_reference_maps(make_maps, name: str, preprocessing: dict, data_csv, split: str, limit: int | None) -> dict:
+    """Scores of a model-free reference map `make_maps(preprocessing, data_csv, items)`, with a
+    validation-chosen threshold, in the form :func:`evaluate` returns."""
     config = PreprocessingConfig.from_dict(preprocessing)
     test = load_split(data_csv, config, split, limit)
     val = load_split(data_csv, config, "val", limit)
-    maps = normative_maps(preprocessing, data_csv, test)
-    val_maps = normative_maps(preprocessing, data_csv, val) if val else None
-    return {"model": None, "method": "normative z-score", "split": split, **summarize_scores(maps, test, val_maps, val), "_maps": maps}
+    maps = make_maps(preprocessing, data_csv, test)
+    val_maps = make_maps(preprocessing, data_csv, val) if val else None
+    return {"model": None, "method": name, "split": split, **summarize_scores(maps, test, val_maps, val), "_maps": maps}
+
+
+def evaluate_normative(preprocessing: dict, data_csv, split: str = "test", limit: int | None = None) -> dict:
+    """Scores of the normative z-score map (:func:`normative_maps`)."""
+    return _evaluate_reference_maps(normative_maps, "normative z-score", preprocessing, data_csv, split, limit)
 
 
 def population_truth_maps(preprocessing: dict, data_csv, items, reference_split: str = "train") -> list[np.ndarray]:
@@ -255,13 +261,8 @@ def population_truth_maps(preprocessing: dict, data_csv, items, reference_split:
 
 
 def evaluate_population_truth(preprocessing: dict, data_csv, split: str = "test", limit: int | None = None) -> dict:
-    """Scores of :func:`population_truth_maps`, with a validation-chosen threshold."""
-    config = PreprocessingConfig.from_dict(preprocessing)
-    test = load_split(data_csv, config, split, limit)
-    val = load_split(data_csv, config, "val", limit)
-    maps = population_truth_maps(preprocessing, data_csv, test)
-    val_maps = population_truth_maps(preprocessing, data_csv, val) if val else None
-    return {"model": None, "method": "population truth (oracle)", "split": split, **summarize_scores(maps, test, val_maps, val), "_maps": maps}
+    """Scores of :func:`population_truth_maps`."""
+    return _evaluate_reference_maps(population_truth_maps, "population truth (oracle)", preprocessing, data_csv, split, limit)
 
 
 @torch.no_grad()
