@@ -85,7 +85,11 @@ def main() -> int:
     parser.add_argument("--summarize", nargs="*", default=None, help="only print the table of these finished run folders")
     args = parser.parse_args()
     if args.summarize is not None:
-        print_table([summarize(Path(run)) for run in args.summarize])
+        # a protocol's models/ folder also holds files (its untrained copies): a glob over it names them too
+        runs = [Path(run) for run in args.summarize if (Path(run) / "log.csv").is_file()]
+        if not runs:
+            parser.error("none of the --summarize paths is a training run folder (a folder with a log.csv)")
+        print_table([summarize(run) for run in runs])
         return 0
     protocol = json.loads(Path(args.protocol).read_text())
     work = Path(args.work)
