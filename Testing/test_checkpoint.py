@@ -158,3 +158,23 @@ def test_save_is_atomic_and_digest_covers_every_tensor(tmp_path):
 
     save_model(tmp_path / "m2.safetensors", {"a2m.w": torch.tensor([1.0, 1.0, 1.0001])}, meta)
     assert checksum(tmp_path / "m2.safetensors") != checksum(path)
+
+
+def test_loaded_weights_do_not_depend_on_the_file_afterwards(tmp_path):
+    """The weights are parsed from one in-memory read of the file, not from a memory map: a model file replaced
+    or truncated in place after (or while) it is loaded must not change or crash what was loaded (a mapped file
+    truncated under a reader is a SIGBUS that kills the Slicer worker)."""
+    import shutil
+
+    from CounterfactualVALib.checkpoint import load_model_file
+
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[1] / "samples" / "vantgan_phantom3d.safetensors"
+    model = tmp_path / "model.safetensors"
+    shutil.copy(sample, model)
+    _, tensors = load_model_file(model)
+    before = {name: t.clone() for name, t in tensors.items()}
+    model.write_bytes(b"")  # truncated in place
+    assert all(torch.equal(tensors[name], before[name]) for name in before)
+    assert sum(float(t.float().abs().sum()) for t in tensors.values()) > 0

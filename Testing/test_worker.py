@@ -79,9 +79,12 @@ def test_a_replaced_model_file_is_loaded_again_and_a_bad_request_leaves_the_work
         yield first
         yield request("2", tmp_path / "2", input=str(tmp_path / "missing.nii.gz"))
         # the file is replaced between requests (a newer export): the worker must not keep the old weights
+        # (replaced as exports replace it, by a rename: a copy over the file in place can race the worker's
+        # reload of request 2, which then reads a half-written file and fails for the wrong reason)
         time.sleep(0.01)
-        shutil.copy(SAMPLE_MODEL, model)
-        os.utime(model, ns=(time.time_ns(), time.time_ns() + 10**9))
+        shutil.copy(SAMPLE_MODEL, tmp_path / "newer.safetensors")
+        os.utime(tmp_path / "newer.safetensors", ns=(time.time_ns(), time.time_ns() + 10**9))
+        os.replace(tmp_path / "newer.safetensors", model)
         yield request("3", tmp_path / "3", model=str(model))
 
     events, _, reason = run_protocol(lines())

@@ -119,10 +119,14 @@ def _write_model_file(path: Path, tensors: dict, metadata_text: str) -> Path:
     return path
 
 
-def _check_container(path: Path) -> None:
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= os.path.getsize(path):
+def _check_container(path: Path, content: bytes | None = None) -> None:
+    if content is None:
+        with open(path, "rb") as f:
+            head = f.read(16)
+        size = os.path.getsize(path)
+    else:
+        head, size = content[:16], len(content)
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size:
         return  # safetensors: 8-byte header length, then the JSON header (its first byte may be 0x80 too)
     # torch.save: a zip archive, or a bare pickle (PROTO opcode 0x80 followed by the protocol number 2-5)
     if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
@@ -138,18 +142,34 @@ def _check_container(path: Path) -> None:
     )
 
 
-def _read_header(path: Path) -> dict:
-    """The safetensors header's string metadata, after the container checks."""
+def _read_header(path: Path, content: bytes | None = None) -> dict:
+    """The safetensors header's string metadata, after the container checks: of the file, or of `content`, the
+    file's bytes already read (so that header and weights come from one snapshot of the file)."""
     from safetensors import safe_open
 
-    if not path.is_file():
+    if content is None and not path.is_file():
         raise ModelFileError(f"Model file not found: {path}", "pass the path of a .safetensors model file.")
-    _check_container(path)
+    _check_container(path, content)
     try:
+        if content is not None:
+            length = struct.unpack("<Q", content[:8])[0]
+            metadata = json.loads(content[8 : 8 + length]).get("__metadata__") or {}
+            if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+                raise ValueError("its __metadata__ is not a string map")
+            return metadata
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types for broken headers
         raise ModelFileError(f"{path} has a damaged safetensors header ({exc})", "re-download or re-export the model file.") from None
+
+
+def _read_whole_file(path: Path) -> bytes:
+    """The model file's bytes, read once. The weights are parsed from this copy, not from a memory map of the
+    file: a file replaced in place while it is mapped (a newer export copied over it) kills the process with
+    SIGBUS, where a copy in memory gives at worst a checksum error naming the file."""
+    if not path.is_file():
+        raise ModelFileError(f"Model file not found: {path}", "pass the path of a .safetensors model file.")
+    return path.read_bytes()
 
 
 def read_metadata(path: str | os.PathLike) -> ModelMetadata:
@@ -255,17 +275,18 @@ def _check_values(path: Path, data: dict) -> None:
 
 def load_model_file(path: str | os.PathLike, expected_method: str | None = None) -> tuple[ModelMetadata, dict]:
     """(metadata, tensors) after the metadata checks and the checksum over metadata + weights."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     path = Path(path)
-    raw = _read_header(path)
+    content = _read_whole_file(path)
+    raw = _read_header(path, content)
     metadata = ModelMetadata.from_dict(_checked_metadata(path, raw))
     if expected_method is not None and metadata.method != expected_method:
         raise ModelFileError(
             f"{path} is a {metadata.method} model, but a {expected_method} model was asked for", f"pick a {expected_method} model file."
         )
     try:
-        tensors = load_file(str(path))
+        tensors = load(content)
     except Exception as exc:
         raise ModelFileError(f"{path}: the weights cannot be read ({exc})", "the file is truncated or damaged: re-download or re-export it.") from None
     if model_checksum(raw[METADATA_KEY], tensors) != raw[CHECKSUM_KEY]:
@@ -280,14 +301,15 @@ def upgrade_model_file(path: str | os.PathLike, out: str | os.PathLike | None = 
     """Re-stamp a format 1 model file as format 2: its old weights checksum is verified first, then the
     metadata (format_version 2, the weights-only checksum dropped) and the new checksum over metadata +
     weights are written; the tensors are written back unchanged, byte for byte."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     path = Path(path)
-    raw = _read_header(path)
+    content = _read_whole_file(path)
+    raw = _read_header(path, content)
     data = _checked_metadata(path, raw, require_checksum=False)
     if data["format_version"] == FORMAT_VERSION and CHECKSUM_KEY in raw:
         raise ModelFileError(f"{path} is already a format {FORMAT_VERSION} model file", "nothing to upgrade.")
-    tensors = load_file(str(path))
+    tensors = load(content)
     expected = data.pop("weights_sha256", "")
     if not expected or weights_digest(tensors) != expected:
         raise ModelFileError(
