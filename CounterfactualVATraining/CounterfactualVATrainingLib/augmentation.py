@@ -109,6 +109,7 @@ def make_augmentation(name: str) -> AnatomyAugmentation | None:
         raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {name!r}.")
     if name == "anatomy":
         return AnatomyAugmentation()
-    # geometry only: on the varied phantom cohort the bias and contrast draws taught VANT-GAN to move intensity
-    # everywhere instead of learning the atrophy (design.md, '3D on a CPU budget')
+    # size and pose only, without the bias and contrast draws that turned VANT-GAN's map into an intensity change;
+    # measured on the varied 3D cohort it did not help either (test NCC 0.038 against 0.211 without augmentation:
+    # design.md, '3D on a CPU budget'), so neither is a default
     return AnatomyAugmentation(bias=0.0, log_gamma=0.0) if name == "geometry" else None

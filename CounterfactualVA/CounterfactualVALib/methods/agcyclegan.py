@@ -19,9 +19,9 @@ fake together with its attention map (pooled as a two-channel image).
 One stage by default, as the seed paper trains ("learning only the mask part was not performed"): every network
 learns throughout. The attention-GAN reference code's two stages are an option: with ``attention_freeze_fraction``
 below 1 (its 0.3: epoch 30 of 100) the attention networks are frozen after that fraction of the steps, and
-both discriminators see only attended regions: a fake is multiplied by ``[A(source) >= 0.1]`` (its source's thresholded attention, pooled with it), a real image by
-``[A(real) >= 0.1]`` from the attention network that reads its domain; only the generators (and the
-discriminators, as adversaries) still learn. The composition itself keeps the continuous attention.
+both discriminators see only attended regions: a fake is multiplied by ``[A(source) >= 0.1]`` (its source's
+thresholded attention, pooled with it), a real image by ``[A(real) >= 0.1]`` from the attention network that
+reads its domain; only the generators (and the discriminators, as adversaries) still learn. The composition itself keeps the continuous attention.
 
 Inference (abnormal -> normal): counterfactual ``x_hat``, attribution ``x_hat - x`` (= ``A(x) * (G(x) - x)``,
 the masked translation difference), extra ``attention`` = ``A(x)`` (kind "probability", in [0, 1]).
