@@ -16,7 +16,7 @@ demo: setup
 	@echo "Outputs in $(DEMO_OUT)/ (open phantom_atrophy_figure.png; summary.json has timings)"
 
 test: setup
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -X faulthandler -m pytest -q
 
 # Rebuild the shipped sample (phantom scan + VANT-GAN model); see samples/README.md for the recorded command.
 sample: setup

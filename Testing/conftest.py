@@ -67,3 +67,30 @@ def make_oblique_volume(size=(40, 36, 24), spacing=(1.1, 0.9, 2.5), origin=(-37.
     rotation.SetRotation(*angles)
     image.SetDirection(rotation.GetMatrix())
     return image
+
+
+# --- process exit -----------------------------------------------------------------------------------
+# Every test passed, the summary was printed, and then the interpreter's own teardown crashed with a
+# segmentation fault in 2 of 3 fresh-clone runs on 2026-12-02 (make test: "385 passed", then rc 2): the
+# finalisers of the native libraries one test process holds together (torch, slicer-core's VTK/MRML,
+# SimpleITK, matplotlib) are not safe to run in every order. No user-facing process loads them all (the CLI
+# and the worker load no slicer), and the cause is not found yet: `make test` runs under faulthandler so that
+# a crash *during* the tests still prints its stack. After pytest has decided its exit status, the process
+# ends with that status without running the finalisers.
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    status = config.stash.get(_EXIT_STATUS, None)
+    if status is None or os.environ.get("COUNTERFACTUALVA_TEST_FINALIZE") == "1":  # opt back in to look for the cause
+        return
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+_EXIT_STATUS = pytest.StashKey[int]()
