@@ -1,14 +1,15 @@
 """Build the shipped sample: a 3D MNI152 phantom scan with known atrophy and the VANT-GAN of a CPU protocol
-(default `benchmarks/protocols/phantom3d_cpu_more_data.json`), trained by our own `counterfactualva protocol`
-command on 540 varied-recipe phantoms (recorded in the model's metadata). With 120 subjects
-(`--protocol benchmarks/protocols/phantom3d_cpu.json --work runs/phantom3d_cpu`, the sample until session 7)
-the same configuration and budget score 0.21 instead of 0.36 on held-out patients (docs/results.md).
+(default `benchmarks/protocols/phantom3d_cpu_data_2300.json`), trained by our own `counterfactualva protocol`
+command on 2,300 varied-recipe phantoms (recorded in the model's metadata). With 540 subjects
+(`--protocol benchmarks/protocols/phantom3d_cpu_more_data.json`, the sample of session 7) or 120
+(`phantom3d_cpu.json`) the same configuration and budget score 0.36 or 0.21 instead of 0.57 on the same held-out
+patients (docs/results.md).
 
 CPU budget: no GPU is lent to every task, so the sample is what two CPU cores afford: 4 mm phantoms, a
 40x48x40 model grid, a light change-predicting U-Net, 25 minutes of training on one core (the protocol trains
 two models side by side).
 
-    python benchmarks/make_sample.py [--protocol FILE] [--work runs/phantom3d_cpu_more_data] [--model vantgan]
+    python benchmarks/make_sample.py [--protocol FILE] [--work runs/phantom3d_cpu_data_2300] [--model vantgan]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
-PROTOCOL = REPO / "benchmarks" / "protocols" / "phantom3d_cpu_more_data.json"
+PROTOCOL = REPO / "benchmarks" / "protocols" / "phantom3d_cpu_data_2300.json"
 
 
 def main() -> int:
