@@ -153,7 +153,8 @@ def _train_one(name: str, spec: dict, protocol: dict, csv_path: Path, out: Path,
         resume=(run_dir / CHECKPOINT_NAME).is_file(),
         overwrite=not (run_dir / CHECKPOINT_NAME).is_file(),  # a start that never checkpointed is moved aside
         command=f"counterfactualva protocol (model {name})",
-        **settings,
+        # every model of a protocol (and a rerun) reads the cohort's preprocessed arrays from one place
+        **{"cache_dir": str(csv_path.parent / "cache"), **settings},
     )
     if train(config) is None:
         raise RuntimeError(f"training of {name} stopped; run the same protocol command again to resume.")

@@ -477,6 +477,7 @@ class CounterfactualVATrainingLogic(DatasetPreviewMixin, TrainingLogMixin, _Logi
         recordModel: bool = True,
         timeout: float = None,
         timeBudget: float = None,
+        cacheFolder: str = None,
     ):
         """Train ``method`` on the cohort CSV into ``outputFolder`` with ``counterfactualva train`` in a subprocess.
 
@@ -484,7 +485,9 @@ class CounterfactualVATrainingLogic(DatasetPreviewMixin, TrainingLogMixin, _Logi
         ("percentile" | "minmax" | "none"): the preprocessing, kept in the model file for inference. config: the
         method's hyper-parameters (see methodDefaults()). logEvery/valEvery/checkpointEvery: None = the command
         line's defaults (10/100/100 steps). timeBudget: minutes of training after which the run stops with its best
-        validated model (None or 0: no limit; steps stays the upper bound and the learning-rate schedule). resume: continue the run in outputFolder from its checkpoint (same
+        validated model (None or 0: no limit; steps stays the upper bound and the learning-rate schedule). cacheFolder: keep
+        the subjects' preprocessed arrays there, so that the next training on this cohort and grid skips preprocessing
+        (None: preprocess in memory only). resume: continue the run in outputFolder from its checkpoint (same
         method, preprocessing and config; steps may grow).
 
         waitForCompletion=True: returns the model path (``<out>/model.safetensors``), or None when the run was
@@ -504,6 +507,7 @@ class CounterfactualVATrainingLogic(DatasetPreviewMixin, TrainingLogMixin, _Logi
             csvPath=csvPath, outputFolder=folder, method=method, steps=int(steps), batchSize=batchSize, spatialDims=int(spatialDims),
             size=size, spacing=spacing, device=device, config=config, crop=crop, intensity=intensity, orientation=orientation,
             seed=int(seed), logEvery=logEvery, valEvery=valEvery, checkpointEvery=checkpointEvery, timeBudget=timeBudget or None,
+            cacheFolder=os.path.abspath(str(cacheFolder)) if cacheFolder else None,
         )
         command = self.buildCommand(resume=resume, **arguments)
         training_request.write_request(folder, arguments, command)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_method_config
 
@@ -38,3 +39,35 @@ def test_antgan_3d_counterfactual_is_the_translation_and_the_map_its_difference(
     torch.testing.assert_close(result.attribution, result.counterfactual - x)  # the map: counterfactual minus input
     assert result.counterfactual.abs().max() <= 1.0 and result.attribution.abs().max() > 0  # tanh range; not a zero map
     assert result.attribution.abs().max() <= 2.0
+
+
+@pytest.mark.parametrize("activation, recovers", [("relu", False), ("leaky_relu", True)])
+def test_map_generator_whose_last_level_went_negative_can_only_recover_with_leaky_units(activation, recovers):
+    """The collapse seen in a 3D CPU training (the map became one constant value inside the head): once every
+    unit of the U-Net's last level is negative everywhere, ReLUs make the map the head's bias alone and pass no
+    gradient back, so training can never leave that state; leaky units keep the map tied to the image."""
+    torch.manual_seed(0)
+    method = create_method(
+        "vantgan", 3, {"generator": "unet", "unet_channels": [8, 16], "unet_upsample": "linear", "unet_activation": activation},
+        training=True,
+    )
+    unet = method.networks["a2m"].unet
+    last_conv = unet.decoders[-1][-1].conv
+    with torch.no_grad():
+        last_conv.bias.fill_(-5.0)  # every unit of the last level below zero on every voxel
+        unet.head.conv.weight.normal_(0.0, 0.05)
+    x = torch.rand(2, 1, 12, 12, 12) * 2 - 1
+    amap = method.networks["a2m"](x)
+    amap.pow(2).mean().backward()
+    first = unet.encoders[0][0].conv.weight.grad
+    varies = float(amap.std())
+    if recovers:
+        assert varies > 1e-5 and float(first.abs().max()) > 1e-6
+    else:
+        assert varies < 1e-9 and float(first.abs().max()) == 0
+
+
+def test_relu_stays_the_default_for_model_files_written_before_the_option():
+    from CounterfactualVALib.methods.cyclegan import CycleTranslationMethod
+
+    assert CycleTranslationMethod.default_config["unet_activation"] == "relu"

@@ -215,3 +215,29 @@ def test_trained_classifier_is_accurate_and_its_maps_point_at_the_boxes():
         assert inside > required * outside, f"{explainer}: mean |map| inside {inside:.4g} vs outside {outside:.4g}"
         signed_inside = float((amap * mask).sum() / mask.sum())
         assert signed_inside > 0, f"{explainer}: the boxes should be evidence FOR abnormal (signed mean {signed_inside:.4g})"
+
+
+def test_judge_selected_on_validation_accuracy(synthetic_2d, tmp_path):
+    """select_on='accuracy' (a judge for counterfactual validity): the exported step is the one with the best
+    validation accuracy, which the log records beside the map scores; a method without a class is refused."""
+    import csv
+
+    from CounterfactualVALib.checkpoint import read_metadata
+    from CounterfactualVATrainingLib.loop import TrainingConfig, train
+
+    settings = dict(
+        data=str(synthetic_2d),
+        preprocessing={"spatial_dims": 2, "size": [32, 32], "spacing": [1.0, 1.0], "crop": "image", "intensity": "minmax"},
+        steps=12, batch_size=4, val_every=3, checkpoint_every=12, command="pytest judge",
+    )
+    model = train(TrainingConfig(method="classifier", out=str(tmp_path / "judge"), method_config={**TINY, "lr": 1e-3},
+                                 select_on="accuracy", **settings))
+    with open(tmp_path / "judge" / "log.csv") as f:
+        validated = [r for r in csv.DictReader(f) if r.get("val_score")]
+    accuracies = [float(r["val_accuracy"]) for r in validated]
+    assert len(validated) == 4 and all(0.0 <= a <= 1.0 for a in accuracies)
+    assert [float(r["val_score"]) for r in validated] == accuracies
+    best = validated[int(np.argmax(accuracies))]  # the first of equal bests
+    assert read_metadata(model).training["selected_step"] == int(best["step"])
+    with pytest.raises(ValueError, match="predicts no class"):
+        train(TrainingConfig(method="vantgan", out=str(tmp_path / "v"), select_on="accuracy", **settings))

@@ -125,7 +125,7 @@ def test_command_parses_with_the_real_command_line_and_the_child_environment():
     command = logic.buildCommand(
         "/d/cohort.csv", "/runs/r", method="vagan", steps=7, batchSize=2, spatialDims=2, size=(32, 30), spacing=(1, 1.5),
         device="cpu", config=config, resume=True, crop="image", intensity="minmax", logEvery=1, valEvery=5, checkpointEvery=5,
-        timeBudget=12.5,
+        timeBudget=12.5, cacheFolder="/cache/grid",
     )
     assert command[0] == sys.executable
     assert command[1:4] == ["-m", "CounterfactualVACLI", "train"]
@@ -136,10 +136,12 @@ def test_command_parses_with_the_real_command_line_and_the_child_environment():
     assert (args.device, args.resume, args.log_every, args.val_every, args.checkpoint_every) == ("cpu", True, 1, 5, 5)
     assert _key_values(args.config) == config
     assert args.time_budget == 12.5  # the panel's 'Time budget' (minutes)
+    assert args.cache_dir == "/cache/grid"
     assert "--orientation" not in command  # 2D
     defaults = build_parser().parse_args(logic.buildCommand("c.csv", "o")[3:])
     assert defaults.batch_size is None and not defaults.resume and defaults.orientation == "RAS" and defaults.config is None
     assert defaults.time_budget is None and "--time-budget" not in logic.buildCommand("c.csv", "o", timeBudget=0)  # 0: no limit
+    assert defaults.cache_dir is None and defaults.select_on == "map"
 
     env = logic.childEnvironment("cpu")
     folders = env["PYTHONPATH"].split(os.pathsep)

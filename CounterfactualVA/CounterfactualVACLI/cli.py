@@ -106,6 +106,8 @@ def cmd_train(args) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         num_workers=args.num_workers,
+        cache_dir=args.cache_dir,
+        select_on=args.select_on,
         command=shlex.join(["counterfactualva"] + sys.argv[1:]),
     )
     report = _progress_printer(args.progress)
@@ -259,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="start afresh in a folder that holds a run: its files are moved to <out>/replaced-<time>/, never deleted")
     p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--select-on", default="map", choices=["map", "accuracy"],
+                   help="what picks the exported step at validation: the map against the ground truth (default), or "
+                        "classification accuracy (classifiers: a judge for counterfactual validity)")
+    p.add_argument("--cache-dir", default=None,
+                   help="keep every subject's preprocessed arrays in this folder, so that the next run on the same "
+                        "cohort and grid skips preprocessing (files are re-read when they change)")
     p.add_argument("--progress", action="store_true")
     p.set_defaults(func=cmd_train)
 

@@ -1,18 +1,25 @@
 """Training data: a cohort CSV -> cached model-grid tensors per class and split, through MONAI.
 
 Every image passes through `LoadPreprocessd`, the inference preprocessing, and is cached once
-(`monai.data.CacheDataset`). Batches are drawn by :class:`UnpairedSampler` from a generator seeded by
+(`monai.data.CacheDataset`). With a `cache_dir` the model-grid arrays are also kept on disk (one ``.npz``
+per subject, read without pickle), keyed by the files' paths, sizes and modification times and the
+preprocessing settings, so that another run on the same cohort and grid starts in seconds instead of
+preprocessing every subject again (2,400 subjects at 4 mm: about ten minutes on one core). Batches are drawn by :class:`UnpairedSampler` from a generator seeded by
 (seed, step, rank), so the batch at a given step is the same whether or not the run was resumed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from CounterfactualVALib.atomic import atomic_path
 from CounterfactualVALib.cohort import read_cohort_csv, stratified_split
 from CounterfactualVALib.networks.position import grid_coordinates
 from CounterfactualVALib.preprocessing import PreprocessingConfig
@@ -53,19 +60,76 @@ def load_cohort(csv_path: str | Path, seed: int = 0, val_fraction: float = 0.2, 
     return splits
 
 
-def cache_split(records: list[dict], config: PreprocessingConfig, num_workers: int = 0, progress: bool = False) -> CohortTensors:
-    """Preprocess and cache one split with MONAI (`progress`: MONAI's bar while caching)."""
+#: bump when what a cached entry holds, or how it is made, changes: older entries are then ignored
+CACHE_FORMAT = 1
+#: subjects preprocessed (and written to the disk cache) per chunk
+CACHE_CHUNK = 100
+
+
+def _file_identity(path) -> list:
+    """What says a file is unchanged: its absolute path, size and modification time (no content hash: hashing
+    2,400 volumes would cost a good part of what the cache saves)."""
+    stat = os.stat(path)
+    return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def cache_key(record: dict, config: PreprocessingConfig) -> str:
+    """The disk-cache name of one subject on one model grid."""
+    identity = {
+        "format": CACHE_FORMAT,
+        "image": _file_identity(record["path"]),
+        "mask": _file_identity(record["mask"]) if record.get("mask") else None,
+        "preprocessing": asdict(config),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _read_cached(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    try:
+        with np.load(path, allow_pickle=False) as entry:
+            return entry["image"], entry["mask"]
+    except (OSError, ValueError, KeyError):  # absent, or damaged (an entry is written atomically, but a disk fills)
+        return None
+
+
+def _write_cached(path: Path, image: np.ndarray, mask: np.ndarray) -> None:
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, image=image, mask=mask)
+
+
+def cache_split(
+    records: list[dict], config: PreprocessingConfig, num_workers: int = 0, progress: bool = False, cache_dir: str | Path | None = None
+) -> CohortTensors:
+    """Preprocess and cache one split with MONAI (`progress`: MONAI's bar while caching). With `cache_dir`, the
+    subjects already preprocessed onto this grid by an earlier run are read from there and the others are
+    added to it."""
     from monai.data import CacheDataset
 
-    items = [{"image": r["path"], "mask": r.get("mask") or None, "label": int(r["label"])} for r in records]
-    dataset = CacheDataset(items, transform=LoadPreprocessd(config), num_workers=num_workers, progress=progress, copy_cache=False)
+    arrays: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(records)
+    keys: list[str | None] = [None] * len(records)
+    if cache_dir is not None:
+        cache_dir = Path(cache_dir)
+        for i, record in enumerate(records):
+            keys[i] = cache_key(record, config)
+            arrays[i] = _read_cached(cache_dir / f"{keys[i]}.npz")
+    todo = [i for i, entry in enumerate(arrays) if entry is None]
+    # with a disk cache, in chunks written as they are done: an interrupted caching phase keeps its work
+    chunk = CACHE_CHUNK if cache_dir is not None else max(len(todo), 1)
+    for start in range(0, len(todo), chunk):
+        part = todo[start : start + chunk]
+        items = [{"image": records[i]["path"], "mask": records[i].get("mask") or None} for i in part]
+        dataset = CacheDataset(items, transform=LoadPreprocessd(config), num_workers=num_workers, progress=progress, copy_cache=False)
+        for i, item in zip(part, (dataset[j] for j in range(len(dataset)))):
+            arrays[i] = (np.asarray(item["image"], np.float32), np.asarray(item["mask"], np.float32))
+            if cache_dir is not None:
+                _write_cached(cache_dir / f"{keys[i]}.npz", *arrays[i])
+        del dataset
     images, masks, labels, has_mask = [], [], [], []
-    for i in range(len(dataset)):
-        item = dataset[i]
-        images.append(torch.as_tensor(np.asarray(item["image"])))
-        masks.append(torch.as_tensor(np.asarray(item["mask"])))
-        labels.append(item["label"])
-        has_mask.append(bool(records[i].get("mask")))
+    for record, (image, mask) in zip(records, arrays):
+        images.append(torch.as_tensor(image))
+        masks.append(torch.as_tensor(mask))
+        labels.append(int(record["label"]))
+        has_mask.append(bool(record.get("mask")))
     if not images:
         shape = (0, 1, *reversed(config.size))
         return CohortTensors(torch.zeros(shape), torch.zeros(0, dtype=torch.long), torch.zeros(shape), torch.zeros(0, dtype=torch.bool), [])

@@ -62,6 +62,10 @@ class TrainingConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     max_val_subjects: int = 32
+    #: what picks the exported step: "map" (the map's NCC with the ground truth, or the normal subjects' mean
+    #: |map| without one) or "accuracy" (the validation subjects' classification accuracy: for a judge
+    #: classifier, which must tell the classes apart; methods that predict a class only)
+    select_on: str = "map"
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -69,6 +73,8 @@ class TrainingConfig:
     resume: bool = False
     overwrite: bool = False  # move a run already in `out` aside (runfolder.move_run_aside) instead of refusing
     num_workers: int = 0
+    #: folder that keeps every subject's model-grid arrays between runs (data.cache_split); None: memory only
+    cache_dir: str | None = None
     classes: list = field(default_factory=lambda: ["normal", "abnormal"])
     command: str = ""
 
@@ -92,6 +98,10 @@ class Trainer:
         self.device = self._device()
         self.preprocessing = PreprocessingConfig(**config.preprocessing)
         method_class = get_method_class(config.method)
+        if config.select_on not in ("map", "accuracy"):
+            raise ValueError(f"select_on must be 'map' or 'accuracy', got {config.select_on!r}.")
+        if config.select_on == "accuracy" and not hasattr(method_class, "probability"):
+            raise ValueError(f"select_on='accuracy': {config.method} predicts no class; use select_on='map' (the default).")
         self.batch_size = config.batch_size or method_class.training_defaults.get("batch_size", 1)
         # networks sized by the model grid (e.g. ICAM's latent classifier) must exist before DDP broadcasts them
         method_config = method_class.prepare_config(dict(config.method_config), self.preprocessing)
@@ -139,8 +149,8 @@ class Trainer:
         if self.dist.is_main:
             print(f"Preparing {len(splits['train'])} training + {len(val_records)} validation subjects "
                   f"(preprocessed once onto the model grid and cached in memory) ...", file=sys.stderr, flush=True)
-        self.train_data = cache_split(splits["train"], self.preprocessing, self.config.num_workers, progress=show)
-        self.val_data = cache_split(val_records, self.preprocessing, self.config.num_workers, progress=show)
+        self.train_data = cache_split(splits["train"], self.preprocessing, self.config.num_workers, progress=show, cache_dir=self.config.cache_dir)
+        self.val_data = cache_split(val_records, self.preprocessing, self.config.num_workers, progress=show, cache_dir=self.config.cache_dir)
         patch = None
         if self.config.patch_size:
             if not getattr(self.method, "supports_patches", False):
@@ -206,14 +216,18 @@ class Trainer:
         held-out normal subjects (a false-positive measure). The selection score is NCC where ground truth
         exists, otherwise minus the normal subjects' mean |map|."""
         self.method.eval()
-        scores: dict[str, list[float]] = {"ncc": [], "dice": [], "iou": [], "normal_abs_map": []}
+        scores: dict[str, list[float]] = {"ncc": [], "dice": [], "iou": [], "normal_abs_map": [], "accuracy": []}
         data = self.val_data
+        predicts = hasattr(self.method, "probability")
         for i in range(len(data)):
             x = data.images[i : i + 1].to(self.device)
             if self.memory_format is not None:
                 x = x.contiguous(memory_format=self.memory_format)
             with self.ctx.autocast():
                 amap = self.method.validation_map(x)
+                if predicts:
+                    called_abnormal = bool(self.method.probability(x)[0] > 0.5)
+                    scores["accuracy"].append(float(called_abnormal == (int(data.labels[i]) == 1)))
             amap = amap.float().cpu().numpy()[0, 0]
             if data.labels[i] == 1 and data.has_mask[i]:
                 # scored inside the head for head-cropped models, as the evaluation and the inference mask
@@ -224,7 +238,10 @@ class Trainer:
                 scores["normal_abs_map"].append(float(np.abs(amap).mean()))
         self.method.train()
         metrics = {f"val_{k}": float(np.mean(v)) for k, v in scores.items() if v}
-        metrics["val_score"] = metrics.get("val_ncc", -metrics.get("val_normal_abs_map", 0.0))
+        if self.config.select_on == "accuracy":
+            metrics["val_score"] = metrics["val_accuracy"]
+        else:
+            metrics["val_score"] = metrics.get("val_ncc", -metrics.get("val_normal_abs_map", 0.0))
         return metrics
 
     # --- the loop ---------------------------------------------------------------------------------

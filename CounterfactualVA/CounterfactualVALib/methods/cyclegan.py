@@ -41,12 +41,13 @@ class ChangeGenerator(nn.Module):
 
     def __init__(
         self, spatial_dims: int, channels, role: str, position_channels: bool = False, head_init_std: float = 1e-3,
-        upsample: str = "transposed",
+        upsample: str = "transposed", activation: str = "relu",
     ):
         super().__init__()
         in_channels = 1 + (spatial_dims if position_channels else 0)
         self.unet = MapUNet(
-            spatial_dims, in_channels, 1, channels=tuple(channels), norm=None, head_init_std=head_init_std, upsample=upsample
+            spatial_dims, in_channels, 1, channels=tuple(channels), norm=None, head_init_std=head_init_std, upsample=upsample,
+            activation=activation,
         )
         if role not in self.ROLES:
             raise ValueError(f"role must be one of {self.ROLES}, got {role!r}")
@@ -89,6 +90,8 @@ class CycleTranslationMethod(Method):
         # std of the U-Net generators' last layer at initialisation: ~0 starts at the identity
         "unet_head_init_std": 1e-3,
         "unet_upsample": "transposed",
+        # "relu" (earlier model files) or "leaky_relu": see MapUNet.ACTIVATIONS
+        "unet_activation": "relu",
         # L1 weight on the change made to an abnormal image, |counterfactual - input| (0: the papers' losses)
         "lambda_change": 0.0,
         # discriminators' learning rate as a multiple of `lr` (1: the papers; > 1: two time-scale updates)
@@ -118,6 +121,9 @@ class CycleTranslationMethod(Method):
         OptionSpec("unet_upsample", "choice", "transposed", choices=MapUNet.UPSAMPLING,
                    tooltip="U-Net decoder upsampling: transposed (stride-2 transposed convolutions; prints a 2x2 "
                    "checkerboard into short-trained maps) or linear (1x1 convolution at the coarse level, then interpolation; cheaper)"),
+        OptionSpec("unet_activation", "choice", "relu", choices=tuple(MapUNet.ACTIVATIONS),
+                   tooltip="U-Net generators' activation: relu, or leaky_relu (slope 0.2), which keeps a narrow U-Net "
+                   "from losing a level to units that output zero everywhere (a 3D CPU training collapsed to a constant map: docs/design.md)"),
         OptionSpec("discriminator_position_channels", "bool", False,
                    tooltip="give only the discriminators the voxels' grid coordinates: they can learn where a change is "
                    "abnormal, the generators cannot print a coordinate into the map (measured: slows the map's learning, docs/design.md)"),
@@ -146,7 +152,9 @@ class CycleTranslationMethod(Method):
         def generator(activation, residual=False):
             if c["generator"] == "unet":
                 role = "map" if activation == "tanh2" else ("residual" if residual else "image")
-                return ChangeGenerator(dims, c["unet_channels"], role, position, c["unet_head_init_std"], c["unet_upsample"])
+                return ChangeGenerator(
+                    dims, c["unet_channels"], role, position, c["unet_head_init_std"], c["unet_upsample"], c["unet_activation"]
+                )
             return init_normal_weights(
                 ResNetGenerator(dims, 1, 1, c["ngf"], c["n_downsampling"], c["n_blocks"], output_activation=activation)
             )

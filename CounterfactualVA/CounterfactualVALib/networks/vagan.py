@@ -51,6 +51,9 @@ class MapUNet(nn.Module):
     interpolation)."""
 
     UPSAMPLING = ("transposed", "linear")
+    #: "leaky_relu" (slope 0.2, as the CycleGAN discriminators): a narrow U-Net without normalisation can lose
+    #: a whole level to ReLUs that output zero everywhere, after which no gradient reaches what lies before it
+    ACTIVATIONS = {"relu": "relu", "leaky_relu": ("leakyrelu", 0.2)}
 
     def __init__(
         self,
@@ -61,12 +64,15 @@ class MapUNet(nn.Module):
         norm: str | None = "batch",
         head_init_std: float = 1e-3,
         upsample: str = "transposed",
+        activation: str = "relu",
     ):
         super().__init__()
         if len(channels) < 2:
             raise ValueError(f"MapUNet needs at least two levels, got channels={tuple(channels)}")
+        if activation not in self.ACTIVATIONS:
+            raise ValueError(f"MapUNet: activation must be one of {tuple(self.ACTIVATIONS)}, got {activation!r}")
         self.spatial_dims = spatial_dims
-        act = "relu"
+        act = self.ACTIVATIONS[activation]
         self.encoders = nn.ModuleList()
         previous = in_channels
         for c in channels:

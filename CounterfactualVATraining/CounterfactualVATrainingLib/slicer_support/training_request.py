@@ -97,7 +97,8 @@ def check_writable(outputFolder) -> str:
 
 def build_command(python, csvPath, outputFolder, method="vantgan", steps=1000, batchSize=None, spatialDims=3, size=(64, 64, 64),
                   spacing=(3.0, 3.0, 3.0), device="auto", config=None, resume=False, crop="foreground", intensity="percentile",
-                  orientation="RAS", seed=0, logEvery=None, valEvery=None, checkpointEvery=None, timeBudget=None) -> list:
+                  orientation="RAS", seed=0, logEvery=None, valEvery=None, checkpointEvery=None, timeBudget=None,
+                  cacheFolder=None) -> list:
     """``python -m CounterfactualVACLI train ... --progress``; None (or 0) leaves a setting at the command line's default."""
     command = [
         python, "-m", CLI_MODULE, "train",
@@ -115,6 +116,8 @@ def build_command(python, csvPath, outputFolder, method="vantgan", steps=1000, b
             command += [flag, str(int(value))]
     if timeBudget:
         command += ["--time-budget", repr(float(timeBudget))]
+    if cacheFolder:
+        command += ["--cache-dir", str(cacheFolder)]
     for key, value in (config or {}).items():
         command += ["--config", f"{key}={json.dumps(value)}"]
     if resume:
