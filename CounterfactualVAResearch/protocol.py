@@ -32,6 +32,7 @@ Model selection is the training loop's validation metric; the test split is only
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -156,7 +157,7 @@ def _train_one(name: str, spec: dict, protocol: dict, csv_path: Path, out: Path,
         # every model of a protocol (and a rerun) reads the cohort's preprocessed arrays from one place
         **{"cache_dir": str(csv_path.parent / "cache"), **settings},
     )
-    if train(config) is None:
+    if train(config, should_stop=lambda: _STOP_REQUESTED) is None:
         raise RuntimeError(f"training of {name} stopped; run the same protocol command again to resume.")
     # wall time kept beside the model, so a rerun that reuses the model still reports it
     (run_dir / TIMING_NAME).write_text(json.dumps({"wall_s": round(time.perf_counter() - started, 1)}))
@@ -168,12 +169,67 @@ def _finished(model_file: Path) -> bool:
     return model_file.is_file() and (model_file.parent / TIMING_NAME).is_file()
 
 
+#: set in a worker process by a SIGTERM that arrives while it is not training (caching, between models)
+_STOP_REQUESTED = False
+
+
+def _start_worker(threads: int) -> None:
+    """A side-by-side training worker: its share of the cores, and a SIGTERM that stops what it does cleanly
+    (the training installs its own handler while it runs; outside it the request is kept for the next one)."""
+    import signal
+
+    def keep_request(signum, frame):
+        global _STOP_REQUESTED
+        _STOP_REQUESTED = True
+
+    signal.signal(signal.SIGTERM, keep_request)
+    _share_cores(threads)
+
+
 def _share_cores(threads: int) -> None:
     """Each of the side-by-side trainings gets its share of the cores: torch's default (all cores per
     process) oversubscribes them, and 2 jobs x 2 threads on 2 cores ran 2-4x slower per step than 2 x 1."""
     import torch
 
     torch.set_num_threads(threads)
+
+
+class ProtocolStopped(RuntimeError):
+    """SIGTERM or Ctrl-C while models trained side by side: each training checkpointed; rerun to resume."""
+
+
+@contextlib.contextmanager
+def _stop_workers_when_stopped(pool, running: dict):
+    """The side-by-side trainings run in worker processes of their own, which a signal to this process does not
+    reach: killing a protocol once left its trainings running, unseen, beside the rerun. Here SIGTERM and Ctrl-C
+    stop every worker's training at its next step (the training checkpoints, as on its own SIGTERM), wait for
+    them, and end with ProtocolStopped."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise ProtocolStopped(f"the protocol was stopped (signal {signum}); every training checkpointed: run the same command again to resume.")
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
+    try:
+        yield
+    except (ProtocolStopped, KeyboardInterrupt) as exc:
+        from concurrent.futures import wait
+
+        for future in running:
+            future.cancel()  # not started yet: never starts
+        for worker in list(getattr(pool, "_processes", {}).values()):  # the executor has no public handle on them
+            if worker.is_alive():
+                worker.terminate()  # SIGTERM: a training checkpoints and stops at its next step (_start_worker)
+        wait(list(running))  # each ends with "training stopped", its checkpoint written
+        pool.shutdown(wait=True)
+        if isinstance(exc, KeyboardInterrupt):
+            raise ProtocolStopped("the protocol was interrupted (Ctrl-C); every training checkpointed: run the same command again to resume.") from None
+        raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def train_models(protocol: dict, csv_path: Path, out: Path, device: str, jobs: int = 1) -> tuple[dict, dict]:
@@ -196,21 +252,22 @@ def train_models(protocol: dict, csv_path: Path, out: Path, device: str, jobs: i
 
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(
-            jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_share_cores, initargs=(threads,)
+            jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=(threads,)
         ) as pool:
             running = {}
-            while pending or running:
-                for name in list(pending):
-                    ready = all(_finished(files[d]) for d in _references(specs[name].get("config", {})))
-                    if ready and len(running) < jobs:
-                        running[pool.submit(_train_one, name, specs[name], protocol, csv_path, out, device, files)] = name
-                        pending.remove(name)
-                if not running:
-                    raise ValueError(f"models {pending} name models that are not in the protocol or cannot be trained first.")
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    running.pop(future)
-                    future.result()  # a failed training stops the protocol with its own error
+            with _stop_workers_when_stopped(pool, running):  # signals reach the workers' trainings
+                while pending or running:
+                    for name in list(pending):
+                        ready = all(_finished(files[d]) for d in _references(specs[name].get("config", {})))
+                        if ready and len(running) < jobs:
+                            running[pool.submit(_train_one, name, specs[name], protocol, csv_path, out, device, files)] = name
+                            pending.remove(name)
+                    if not running:
+                        raise ValueError(f"models {pending} name models that are not in the protocol or cannot be trained first.")
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        running.pop(future)
+                        future.result()  # a failed training stops the protocol with its own error
     summaries = {}
     for name, spec in specs.items():
         timing_file = files[name].parent / TIMING_NAME

@@ -246,3 +246,56 @@ def test_reference_rows_normative_z_score_and_population_truth(tmp_path):
     assert population["paper_rule"]["ncc"] == pytest.approx(np.corrcoef(expected_map.ravel(), truth.ravel())[0, 1], abs=1e-3)
     assert population["paper_rule"]["ncc"] < 0.99
     assert all(np.array_equal(m, population["_maps"][0]) for m in population["_maps"])  # nothing about the subject
+
+
+def test_stopping_a_side_by_side_protocol_stops_its_trainings(tmp_path):
+    """SIGTERM to `protocol --jobs 2` reaches the trainings in its worker processes: each checkpoints and exits,
+    no worker is left running (a killed protocol once left its trainings running beside the rerun), the
+    command ends with exit code 3, and the same command resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    protocol = read_protocol(TINY)
+    protocol["data"] = {**protocol["data"], "n": 60}
+    protocol["models"] = {
+        name: {"method": "vantgan", "steps": 100000, "seed": seed, "config": {"ngf": 8, "n_blocks": 1, "ndf": 8}}
+        for seed, name in enumerate(("first", "second"))
+    }
+    protocol["training"] = {"val_every": 100000, "checkpoint_every": 100000, "seed": 0}
+    protocol["rows"] = [{"label": "VANT-GAN", "model": "first"}]
+    protocol.pop("judge")
+    config = tmp_path / "long.json"
+    config.write_text(json.dumps(protocol))
+    out = tmp_path / "run"
+    parent = subprocess.Popen([sys.executable, "-m", "CounterfactualVACLI", "protocol", str(config), "--out", str(out), "--jobs", "2",
+                               "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logs = [out / "models" / name / "log.csv" for name in ("first", "second")]
+    deadline = time.monotonic() + 240
+    while not all(log.is_file() for log in logs):  # both trainings have taken steps
+        assert parent.poll() is None and time.monotonic() < deadline, parent.stdout.read() if parent.poll() is not None else "timeout"
+        time.sleep(0.2)
+    children = [int(line.split()[0]) for line in subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent.pid)], capture_output=True,
+                                                                  text=True).stdout.splitlines()]
+    assert len(children) >= 2
+    parent.send_signal(signal.SIGTERM)
+    output, _ = parent.communicate(timeout=120)
+    assert parent.returncode == 3, output
+    assert "run the same command again to resume" in output
+
+    def alive(pid):
+        try:
+            return "zombie" not in open(f"/proc/{pid}/status").read().lower()
+        except FileNotFoundError:
+            return False
+
+    # multiprocessing's resource tracker (a child too) exits a moment after its parent; a training never would
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in children if alive(pid)], "a worker still runs after the protocol ended"
+    for name in ("first", "second"):
+        assert (out / "models" / name / "checkpoint.pt").is_file()  # stopped cleanly, resumable
+        assert not (out / "models" / name / ".run.lock").exists()

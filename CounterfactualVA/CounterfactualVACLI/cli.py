@@ -155,9 +155,13 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_protocol(args) -> int:
-    from CounterfactualVAResearch.protocol import run_protocol
+    from CounterfactualVAResearch.protocol import ProtocolStopped, run_protocol
 
-    run_protocol(args.config, out=args.out, device=args.device, jobs=args.jobs)
+    try:
+        run_protocol(args.config, out=args.out, device=args.device, jobs=args.jobs)
+    except ProtocolStopped as stopped:
+        print(f"{stopped}", file=sys.stderr, flush=True)
+        return 3  # as a stopped training: resumable, not a failure
     return 0
 
 
