@@ -69,8 +69,9 @@ def test_changed_file_or_grid_is_preprocessed_again(synthetic_2d, tmp_path, monk
 def test_damaged_cache_entry_is_remade(synthetic_2d, tmp_path):
     records = load_cohort(synthetic_2d)["val"][:2]
     before = cache_split(records, GRID, cache_dir=tmp_path / "cache")
-    for entry in (tmp_path / "cache").glob("*.npz"):
-        entry.write_bytes(b"not an npz")
+    first, second = sorted((tmp_path / "cache").glob("*.npz"))
+    first.write_bytes(b"not an npz")
+    second.write_bytes(second.read_bytes()[:200])  # truncated, as by a full disk
     after = cache_split(records, GRID, cache_dir=tmp_path / "cache")
     assert torch.equal(before.images, after.images)
     assert all(np.load(e, allow_pickle=False)["image"].shape == (1, 32, 32) for e in (tmp_path / "cache").glob("*.npz"))
