@@ -251,7 +251,7 @@ def test_reference_rows_normative_z_score_and_population_truth(tmp_path):
 def test_stopping_a_side_by_side_protocol_stops_its_trainings(tmp_path):
     """SIGTERM to `protocol --jobs 2` reaches the trainings in its worker processes: each checkpoints and exits,
     no worker is left running (a killed protocol once left its trainings running beside the rerun), the
-    command ends with exit code 3, and the same command resumes."""
+    command ends with exit code 3 and every training leaves the checkpoint a rerun resumes from."""
     import os
     import signal
     import subprocess
