@@ -23,7 +23,7 @@ PREPROCESSING = {"spatial_dims": 3, "size": [SIZE] * 3, "spacing": [1.0] * 3, "c
 CPU_CONFIG = {
     "generator": "unet", "unet_channels": [8, 16], "unet_upsample": "linear", "ndf": 8, "n_layers_d": 2,
     "lambda_cycle": 1.0, "identity_fraction": 0.0, "decay_start_fraction": 1.0, "lr": 1e-3,
-    "ema_decay": 0.95,
+    "ema_decay": 0.95, "unet_activation": "leaky_relu",
 }
 
 
