@@ -257,3 +257,35 @@ def test_model_file_round_trip(synthetic_2d, tmp_path):
         assert out.GetSize() == image.GetSize()
         assert out.GetSpacing() == pytest.approx(image.GetSpacing())
         assert np.isfinite(sitk.GetArrayFromImage(out)).all()
+
+
+LIGHT = {"generator_norm": "none", "unet_upsample": "linear", "unet_activation": "leaky_relu"}
+
+
+def test_light_map_generator_has_no_batch_statistics_and_removes_the_planted_effect():
+    """The CPU-budget map generator (no batch norm, linear upsampling, leaky ReLUs): an image's map does not
+    depend on the other images of its batch nor on train/eval mode (with batch norm at batch 2 it does, so the
+    map of an unchanged image is not zero at inference), and against the best critic it still removes the effect."""
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    light = create_method("vagan", 2, {**TINY, **LIGHT}, training=True)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in light.networks.modules())
+    gen = light.networks["generator"]
+    with torch.no_grad():
+        together = gen(x)[:1]
+        alone = gen(x[:1])
+        gen.eval()
+        in_eval = gen(x[:1])
+    assert torch.allclose(together, alone, atol=1e-6) and torch.allclose(alone, in_eval, atol=1e-6)
+    batch_norm = create_method("vagan", 2, TINY, training=True).networks["generator"]
+    with torch.no_grad():
+        assert not torch.allclose(batch_norm(x)[:1], batch_norm(x[:1]), atol=1e-6)
+
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 6:10, 6:10] = 1
+    mask[..., 11:15, 11:15] = 1
+    x = 0.02 * torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)) + 0.5 * mask
+    inside = mask.bool().expand_as(x)
+    attribution = _generator_only_training(LIGHT, x, mask, 150)
+    slope = -attribution[inside].mean().item() / 0.5
+    assert 0.8 < slope < 1.2, slope
+    assert attribution[~inside].abs().mean() < 0.1 * attribution[inside].abs().mean()

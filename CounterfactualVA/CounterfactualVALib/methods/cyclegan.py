@@ -29,7 +29,8 @@ from ..networks.vagan import MapUNet
 from ..method_options import OptionSpec
 from .base import AttributionResult, Method, TrainingContext
 from .losses import AdversarialLoss
-from .shared_specs import adam_beta, cycle_weight, decay_start_fraction, image_pool, learning_rate, patchgan_specs, resnet_generator_specs
+from .shared_specs import (adam_beta, cycle_weight, decay_start_fraction, image_pool, learning_rate, patchgan_specs, resnet_generator_specs,
+                           unet_activation, unet_upsample)
 
 
 class ChangeGenerator(nn.Module):
@@ -118,12 +119,8 @@ class CycleTranslationMethod(Method):
                    tooltip="std of the U-Net generators' last layer at initialisation: near 0 starts training at the identity"),
         OptionSpec("generator", "choice", "resnet", choices=("resnet", "unet"),
                    tooltip="resnet: the papers' generators; unet: light change-predicting U-Nets (CPU budgets, patch training)"),
-        OptionSpec("unet_upsample", "choice", "transposed", choices=MapUNet.UPSAMPLING,
-                   tooltip="U-Net decoder upsampling: transposed (stride-2 transposed convolutions; prints a 2x2 "
-                   "checkerboard into short-trained maps) or linear (1x1 convolution at the coarse level, then interpolation; cheaper)"),
-        OptionSpec("unet_activation", "choice", "relu", choices=tuple(MapUNet.ACTIVATIONS),
-                   tooltip="U-Net generators' activation: relu, or leaky_relu (slope 0.2), which keeps a narrow U-Net "
-                   "from losing a level to units that output zero everywhere (a 3D CPU training collapsed to a constant map: docs/design.md)"),
+        unet_upsample(),
+        unet_activation(),
         OptionSpec("discriminator_position_channels", "bool", False,
                    tooltip="give only the discriminators the voxels' grid coordinates: they can learn where a change is "
                    "abnormal, the generators cannot print a coordinate into the map (measured: slows the map's learning, docs/design.md)"),

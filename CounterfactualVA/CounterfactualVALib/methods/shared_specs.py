@@ -6,6 +6,7 @@ by :func:`~CounterfactualVALib.method_options.config_schema`)."""
 from __future__ import annotations
 
 from ..method_options import OptionSpec
+from ..networks.vagan import MapUNet
 
 #: smallest learning rate accepted: a rate of 0 (or below) would leave the networks untrained without a word
 MIN_LR = 1e-8
@@ -61,3 +62,21 @@ def patchgan_specs() -> tuple[OptionSpec, ...]:
 
 def cycle_weight(default: float = 10.0) -> OptionSpec:
     return OptionSpec("lambda_cycle", "float", default, minimum=0.0, tooltip="weight of the cycle-consistency L1 loss, per direction")
+
+
+def unet_upsample(default: str = "transposed", which: str = "U-Net generators'") -> OptionSpec:
+    """How a ``networks.MapUNet`` decoder goes up a level."""
+    return OptionSpec(
+        "unet_upsample", "choice", default, choices=MapUNet.UPSAMPLING,
+        tooltip=f"{which} decoder upsampling: transposed (stride-2 transposed convolutions; prints a 2x2 "
+        "checkerboard into short-trained maps) or linear (1x1 convolution at the coarse level, then interpolation; cheaper)",
+    )
+
+
+def unet_activation(default: str = "relu", which: str = "U-Net generators'") -> OptionSpec:
+    """The activation of a ``networks.MapUNet``."""
+    return OptionSpec(
+        "unet_activation", "choice", default, choices=tuple(MapUNet.ACTIVATIONS),
+        tooltip=f"{which} activation: relu, or leaky_relu (slope 0.2), which keeps a narrow U-Net "
+        "from losing a level to units that output zero everywhere (a 3D CPU training collapsed to a constant map: docs/design.md)",
+    )

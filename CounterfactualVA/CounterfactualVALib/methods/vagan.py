@@ -40,7 +40,7 @@ from torch import nn
 from ..networks.vagan import C3DCritic, MapUNet
 from ..method_options import OptionSpec
 from .base import AttributionResult, Method, TrainingContext
-from .shared_specs import adam_beta, learning_rate
+from .shared_specs import adam_beta, learning_rate, unet_activation, unet_upsample
 
 
 def critic_gradient_norm(critic: nn.Module, points: torch.Tensor, create_graph: bool = True) -> torch.Tensor:
@@ -94,6 +94,9 @@ class VAGAN(Method):
         "critic_iters_warmup": 100,
         "warmup_generator_steps": 25,
         "warmup_every": 100,
+        "generator_norm": "batch",
+        "unet_upsample": "transposed",
+        "unet_activation": "relu",
     }
     config_specs = (
         OptionSpec("channels", "list", [16, 32, 64, 128],
@@ -119,6 +122,11 @@ class VAGAN(Method):
                    tooltip="critic updates before the first warmup_generator_steps generator updates and every warmup_every-th"),
         OptionSpec("warmup_generator_steps", "int", 25, minimum=0, tooltip="generator updates that get critic_iters_warmup critic updates first"),
         OptionSpec("warmup_every", "int", 100, minimum=0, tooltip="every this many generator updates the critic gets critic_iters_warmup updates again (0: never)"),
+        OptionSpec("generator_norm", "choice", "batch", choices=("batch", "none"),
+                   tooltip="the map generator's normalisation: batch (the paper's), or none; with the small batches of a CPU "
+                   "budget, batch statistics differ between training and inference, so the map of an unchanged image is not zero"),
+        unet_upsample("transposed", "the map generator's"),
+        unet_activation("relu", "the map generator's"),
     )
     # The public 3D configuration: batch 2 with 6 accumulated gradients (effective 12); 2D synthetic used 32.
     training_defaults = {"batch_size": 12}
@@ -132,7 +140,10 @@ class VAGAN(Method):
 
     def build_networks(self, training: bool):
         c, dims = self.config, self.spatial_dims
-        nets: dict[str, nn.Module] = {"generator": MapUNet(dims, 1, 1, tuple(c["channels"]), norm="BATCH")}
+        norm = "BATCH" if c["generator_norm"] == "batch" else None
+        nets: dict[str, nn.Module] = {"generator": MapUNet(
+            dims, 1, 1, tuple(c["channels"]), norm=norm, upsample=c["unet_upsample"], activation=c["unet_activation"]
+        )}
         if training:
             nets["critic"] = C3DCritic(
                 dims, 1, tuple(c["critic_channels"]), tuple(c["critic_convs_per_stage"]), c["critic_negative_slope"]
