@@ -155,7 +155,8 @@ def test_inference_shapes(spatial_dims, shape):
         torch.testing.assert_close(result.attribution, att * (method.networks["a2n"](x) - x))
 
 
-def test_model_file_round_trip(synthetic_2d, tmp_path):
+@pytest.mark.parametrize("generators", [{}, {"generator": "unet", "unet_channels": [4, 8]}], ids=["resnet", "unet"])
+def test_model_file_round_trip(synthetic_2d, tmp_path, generators):
     from CounterfactualVALib.inference import run_attribution
     from CounterfactualVATrainingLib.loop import TrainingConfig, train
 
@@ -164,7 +165,7 @@ def test_model_file_round_trip(synthetic_2d, tmp_path):
         data=str(synthetic_2d),
         out=str(tmp_path / "run"),
         preprocessing={"spatial_dims": 2, "size": [16, 16], "spacing": [2.0, 2.0], "crop": "image", "intensity": "minmax"},
-        method_config=TINY,
+        method_config={**TINY, **generators},
         steps=4,  # crosses the switch point (step 1)
         val_every=4,
         checkpoint_every=4,
@@ -200,3 +201,27 @@ def test_default_is_the_seed_papers_single_stage():
     betas = {g["betas"] for opt in ctx.optimizers.values() for g in opt.param_groups}
     assert betas == {(0.5, 0.9)}
     assert ctx.optimizers["discriminators"].param_groups[0]["lr"] == pytest.approx(4e-4)
+
+
+LIGHT = {**TINY, "generator": "unet", "unet_channels": [4, 8, 16], "unet_upsample": "linear", "unet_activation": "leaky_relu"}
+
+
+def test_light_translators_start_at_the_identity():
+    """generator=unet (the 3D CPU configuration): each translator is the input plus a change that starts near
+    zero, so an untrained model's map is ~0 wherever the attention looks, instead of the whole-image difference
+    a freshly initialised ResNet translator makes (the reconstruction error that buried 3D maps); and a step
+    still trains every network."""
+    torch.manual_seed(0)
+    batch = _batch((16, 16, 16), 3)
+    light = create_method("agcyclegan", 3, LIGHT, training=True)
+    resnet = create_method("agcyclegan", 3, TINY, training=True)
+    light.eval(), resnet.eval()
+    light_map = light.attribute(batch["abnormal"]).attribution.abs().mean().item()
+    resnet_map = resnet.attribute(batch["abnormal"]).attribution.abs().mean().item()
+    assert light_map < 1e-3 < 0.05 < resnet_map, (light_map, resnet_map)
+    light.train()
+    before = {n: _snapshot(light.networks[n]) for n in TRAINED}
+    ctx = _context(light)
+    ctx.step = 0
+    light.training_step(batch, ctx)
+    assert all(_changed(light.networks[n], before[n]) for n in TRAINED)

@@ -35,9 +35,11 @@ from torch import nn
 from ..method_options import OptionSpec
 from ..networks import ImagePool, PatchGANDiscriminator, ResNetGenerator, init_normal_weights, linear_decay_schedule
 from ..networks.attention import AttentionNetwork
+from ..networks.change_generator import ChangeGenerator
 from .base import AttributionResult, Method, TrainingContext
 from .losses import AdversarialLoss
-from .shared_specs import adam_beta, cycle_weight, decay_start_fraction, image_pool, learning_rate, patchgan_specs, resnet_generator_specs
+from .shared_specs import (adam_beta, cycle_weight, decay_start_fraction, image_pool, learning_rate, patchgan_specs, resnet_generator_specs,
+                           unet_generator_specs)
 
 
 def compose(x: torch.Tensor, translated: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
@@ -70,6 +72,11 @@ class AttentionCycleGAN(Method):
         "pool_size": 50,
         "attention_freeze_fraction": 1.0,
         "attention_threshold": 0.1,
+        "generator": "resnet",
+        "unet_channels": [8, 16, 32, 64],
+        "unet_head_init_std": 1e-3,
+        "unet_upsample": "transposed",
+        "unet_activation": "relu",
     }
     config_specs = (
         *resnet_generator_specs(),
@@ -97,6 +104,7 @@ class AttentionCycleGAN(Method):
             "attention_threshold", "float", 0.1, minimum=0.0, maximum=1.0,
             tooltip="attention at or above this marks the region the discriminators see in the second stage",
         ),
+        *unet_generator_specs(),
     )
     training_defaults = {"batch_size": 1}
 
@@ -108,6 +116,13 @@ class AttentionCycleGAN(Method):
         c, dims = self.config, self.spatial_dims
 
         def generator():
+            if c["generator"] == "unet":
+                # a translator that starts at the identity (input plus a change): the attention then decides
+                # where the change is let through, and untouched voxels carry no reconstruction error
+                return ChangeGenerator(
+                    dims, c["unet_channels"], "residual", head_init_std=c["unet_head_init_std"], upsample=c["unet_upsample"],
+                    activation=c["unet_activation"],
+                )
             return init_normal_weights(ResNetGenerator(dims, 1, 1, c["ngf"], c["n_downsampling"], c["n_blocks"]))
 
         def attention():

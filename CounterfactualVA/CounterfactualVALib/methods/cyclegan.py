@@ -24,44 +24,13 @@ import torch
 from torch import nn
 
 from ..networks import ImagePool, PatchGANDiscriminator, ResNetGenerator, init_normal_weights, linear_decay_schedule
+from ..networks.change_generator import ChangeGenerator
 from ..networks.position import with_position
-from ..networks.vagan import MapUNet
 from ..method_options import OptionSpec
 from .base import AttributionResult, Method, TrainingContext
 from .losses import AdversarialLoss
 from .shared_specs import (adam_beta, cycle_weight, decay_start_fraction, image_pool, learning_rate, patchgan_specs, resnet_generator_specs,
-                           unet_activation, unet_upsample)
-
-
-class ChangeGenerator(nn.Module):
-    """A light U-Net generator. ``role``: ``"map"`` outputs a bounded change ``2 tanh(u)`` (it can move any voxel
-    in [-1, 1] to any other), ``"residual"`` outputs ``x + 2 tanh(u)``, ``"image"`` a whole new image
-    ``tanh(u)`` (ANT-GAN's plain translator: it starts at a grey image, not at the identity)."""
-
-    ROLES = ("map", "residual", "image")
-
-    def __init__(
-        self, spatial_dims: int, channels, role: str, position_channels: bool = False, head_init_std: float = 1e-3,
-        upsample: str = "transposed", activation: str = "relu",
-    ):
-        super().__init__()
-        in_channels = 1 + (spatial_dims if position_channels else 0)
-        self.unet = MapUNet(
-            spatial_dims, in_channels, 1, channels=tuple(channels), norm=None, head_init_std=head_init_std, upsample=upsample,
-            activation=activation,
-        )
-        if role not in self.ROLES:
-            raise ValueError(f"role must be one of {self.ROLES}, got {role!r}")
-        self.role = role
-        self.position_channels = position_channels
-
-    def forward(self, x: torch.Tensor, coordinates: torch.Tensor | None = None) -> torch.Tensor:
-        inputs = with_position(x, coordinates) if self.position_channels else x
-        out = self.unet(inputs)
-        if self.role == "image":
-            return torch.tanh(out)
-        change = 2.0 * torch.tanh(out)
-        return change if self.role == "map" else x + change
+                           unet_generator_specs)
 
 
 class CycleTranslationMethod(Method):
@@ -111,16 +80,9 @@ class CycleTranslationMethod(Method):
                    tooltip="identity-loss weight as a fraction of lambda_cycle (generators leave in-domain images unchanged; 0: off)"),
         image_pool(),
         decay_start_fraction(),
-        OptionSpec("unet_channels", "list", [8, 16, 32, 64],
-                   tooltip="U-Net generators' widths, one level per entry (at least 2), each level halves the grid (generator=unet only)"),
+        *unet_generator_specs(),
         OptionSpec("position_channels", "bool", False,
                    tooltip="give every network the voxels' model-grid coordinates as extra input channels (generator=unet only)"),
-        OptionSpec("unet_head_init_std", "float", 1e-3, minimum=0.0, maximum=1.0,
-                   tooltip="std of the U-Net generators' last layer at initialisation: near 0 starts training at the identity"),
-        OptionSpec("generator", "choice", "resnet", choices=("resnet", "unet"),
-                   tooltip="resnet: the papers' generators; unet: light change-predicting U-Nets (CPU budgets, patch training)"),
-        unet_upsample(),
-        unet_activation(),
         OptionSpec("discriminator_position_channels", "bool", False,
                    tooltip="give only the discriminators the voxels' grid coordinates: they can learn where a change is "
                    "abnormal, the generators cannot print a coordinate into the map (measured: slows the map's learning, docs/design.md)"),

@@ -80,3 +80,17 @@ def unet_activation(default: str = "relu", which: str = "U-Net generators'") -> 
         tooltip=f"{which} activation: relu, or leaky_relu (slope 0.2), which keeps a narrow U-Net "
         "from losing a level to units that output zero everywhere (a 3D CPU training collapsed to a constant map: docs/design.md)",
     )
+
+
+def unet_generator_specs(channels_default=(8, 16, 32, 64)) -> tuple[OptionSpec, ...]:
+    """The choice between the papers' ResNet generators and light U-Nets (``networks.ChangeGenerator``)."""
+    return (
+        OptionSpec("generator", "choice", "resnet", choices=("resnet", "unet"),
+                   tooltip="resnet: the papers' generators; unet: light change-predicting U-Nets (CPU budgets, patch training)"),
+        OptionSpec("unet_channels", "list", list(channels_default),
+                   tooltip="U-Net generators' widths, one level per entry (at least 2), each level halves the grid (generator=unet only)"),
+        OptionSpec("unet_head_init_std", "float", 1e-3, minimum=0.0, maximum=1.0,
+                   tooltip="std of the U-Net generators' last layer at initialisation: near 0 starts training at the identity"),
+        unet_upsample(),
+        unet_activation(),
+    )
