@@ -214,7 +214,12 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Mean NCC/Dice of the map against ground truth on held-out abnormal subjects, and the mean |map| on
         held-out normal subjects (a false-positive measure). The selection score is NCC where ground truth
-        exists, otherwise minus the normal subjects' mean |map|."""
+        exists, otherwise minus the normal subjects' mean |map|. A method that keeps a weight average is
+        scored with it, as its model file will be."""
+        with self.method.averaged_weights():
+            return self._validate()
+
+    def _validate(self) -> dict[str, float]:
         self.method.eval()
         scores: dict[str, list[float]] = {"ncc": [], "dice": [], "iou": [], "normal_abs_map": [], "accuracy": []}
         data = self.val_data
@@ -302,6 +307,7 @@ class Trainer:
         self.ctx.step = self.step
         self.ctx.sample_batch = lambda: self._batch(generator)
         losses = self.method.training_step(self._batch(generator), self.ctx)
+        self.method.update_averages()
         for scheduler in self.schedulers.values():
             scheduler.step()
         self.step += 1

@@ -39,7 +39,7 @@ from ..networks.change_generator import ChangeGenerator
 from .base import AttributionResult, Method, TrainingContext
 from .losses import AdversarialLoss
 from .shared_specs import (adam_beta, cycle_weight, decay_start_fraction, image_pool, learning_rate, patchgan_specs, resnet_generator_specs,
-                           unet_generator_specs)
+                           unet_generator_specs, weight_average)
 
 
 def compose(x: torch.Tensor, translated: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
@@ -77,6 +77,7 @@ class AttentionCycleGAN(Method):
         "unet_head_init_std": 1e-3,
         "unet_upsample": "transposed",
         "unet_activation": "relu",
+        "ema_decay": 0.0,
     }
     config_specs = (
         *resnet_generator_specs(),
@@ -105,6 +106,7 @@ class AttentionCycleGAN(Method):
             tooltip="attention at or above this marks the region the discriminators see in the second stage",
         ),
         *unet_generator_specs(),
+        weight_average(),
     )
     training_defaults = {"batch_size": 1}
 

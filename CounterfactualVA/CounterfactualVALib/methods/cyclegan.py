@@ -17,8 +17,6 @@ that what is normal *at a place* is learnt directly. See docs/design.md ("3D on 
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from torch import nn
@@ -30,7 +28,7 @@ from ..method_options import OptionSpec
 from .base import AttributionResult, Method, TrainingContext
 from .losses import AdversarialLoss
 from .shared_specs import (adam_beta, cycle_weight, decay_start_fraction, image_pool, learning_rate, patchgan_specs, resnet_generator_specs,
-                           unet_generator_specs)
+                           unet_generator_specs, weight_average)
 
 
 class CycleTranslationMethod(Method):
@@ -90,9 +88,7 @@ class CycleTranslationMethod(Method):
                    tooltip="L1 weight on the change made to an abnormal image (0: the papers' losses)"),
         OptionSpec("lr_d_ratio", "float", 1.0, minimum=0.01, maximum=100.0,
                    tooltip="discriminators' learning rate as a multiple of lr (1: the papers)"),
-        OptionSpec("ema_decay", "float", 0.0, minimum=0.0, maximum=0.9999,
-                   tooltip="keep an exponential moving average of the counterfactual generator's weights with this decay "
-                   "and validate/export it (0: off, the papers; 0.995 in the 3D CPU configuration, where it narrowed the seeds' spread: docs/design.md)"),
+        weight_average(),
     )
     training_defaults = {"batch_size": 1}
 
@@ -126,33 +122,8 @@ class CycleTranslationMethod(Method):
             nets["d_n"] = init_normal_weights(PatchGANDiscriminator(dims, d_channels, c["ndf"], c["n_layers_d"]))
             nets["d_a"] = init_normal_weights(PatchGANDiscriminator(dims, d_channels, c["ndf"], c["n_layers_d"]))
             self.pools = {"normal": ImagePool(c["pool_size"]), "abnormal": ImagePool(c["pool_size"])}
-            if c["ema_decay"] > 0:
-                # a GAN's generator oscillates around what it learns (validation NCC 0.20 then 0.04 a hundred
-                # steps later on the 3D phantoms); the average of its recent weights is steadier. A network of
-                # its own, so the checkpoint carries it and resume stays exact; never optimised.
-                average = copy.deepcopy(nets[self.normal_generator]).requires_grad_(False)
-                nets[self.averaged_generator] = average
             self.adversarial = AdversarialLoss("least_squares")
         return nets
-
-    @property
-    def averaged_generator(self) -> str:
-        return f"{self.normal_generator}_ema"
-
-    def _inference_generator(self) -> str:
-        """The weights that make counterfactuals outside training: the average when training keeps one."""
-        return self.averaged_generator if self.averaged_generator in self.networks else self.normal_generator
-
-    @torch.no_grad()
-    def _update_average(self) -> None:
-        decay = self.config["ema_decay"]
-        live = self.networks[self.normal_generator].parameters()
-        for average, current in zip(self.networks[self.averaged_generator].parameters(), live):
-            average.lerp_(current.detach(), 1.0 - decay)
-
-    def inference_state_dict(self) -> dict[str, torch.Tensor]:
-        source = self.networks[self._inference_generator()]
-        return {f"{self.normal_generator}.{key}": value for key, value in source.state_dict().items()}
 
     @property
     def discriminators_see_position(self) -> bool:
@@ -173,7 +144,7 @@ class CycleTranslationMethod(Method):
 
     def attribute(self, x: torch.Tensor, **options) -> AttributionResult:
         with torch.no_grad():
-            counterfactual = self.to_normal(x, generator=self._inference_generator())
+            counterfactual = self.to_normal(x)
         return AttributionResult(attribution=counterfactual - x, counterfactual=counterfactual)
 
     def configure_optimizers(self, total_steps: int):
@@ -222,8 +193,6 @@ class CycleTranslationMethod(Method):
             loss_change = (fake_n - x_a).abs().mean() if c["lambda_change"] > 0 else x_a.new_zeros(())
             loss_g = loss_gan + lam_cyc * loss_cycle + lam_id * loss_identity + c["lambda_change"] * loss_change
         ctx.optimize("generators", loss_g)
-        if self.averaged_generator in nets:
-            self._update_average()
 
         # Discriminators: real vs pooled fakes, loss halved as in the CycleGAN reference.
         for d in ("d_n", "d_a"):

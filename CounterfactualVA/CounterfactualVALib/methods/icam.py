@@ -75,7 +75,7 @@ from ..networks.icam import (
 )
 from .base import AttributionResult, Method, TrainingContext
 from .losses import AdversarialLoss, bce_with_logits, gaussian_kl, pair_l1, pair_l2
-from .shared_specs import adam_beta, decay_start_fraction, learning_rate
+from .shared_specs import adam_beta, decay_start_fraction, learning_rate, weight_average
 
 _DIRECTIONS = ("to_normal", "to_abnormal", "auto")
 _ADVERSARIAL = AdversarialLoss("bce")  # both domain discriminators (the reference's BCE-with-logits GAN)
@@ -180,6 +180,7 @@ class ICAM(Method):
         "content_dis_lr": 4e-5,
         "content_dis_clip": 5.0,
         "decay_start_fraction": 0.5,
+        "ema_decay": 0.0,
     }
     config_specs = (
         OptionSpec(
@@ -226,6 +227,7 @@ class ICAM(Method):
         learning_rate("content_dis_lr", 4e-5, "the content discriminator"),
         OptionSpec("content_dis_clip", "float", 5.0, minimum=1e-6, tooltip="gradient-norm clipping of the content discriminator's updates"),
         decay_start_fraction(),
+        weight_average(),
     )
     training_defaults = {"batch_size": 1}
 

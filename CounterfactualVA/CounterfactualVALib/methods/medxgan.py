@@ -41,7 +41,7 @@ from ..networks.medxgan import FrozenNetwork, MedXGenerator, medxgan_discriminat
 from .base import AttributionResult, Method, TrainingContext
 from .classifier import ClassifierBaseline
 from .losses import AdversarialLoss
-from .shared_specs import adam_beta, learning_rate
+from .shared_specs import adam_beta, learning_rate, weight_average
 
 _ADVERSARIAL = AdversarialLoss("bce")  # the standard GAN game of the reference code
 
@@ -97,6 +97,7 @@ class MedXGAN(Method):
         "lambda_class": 2.0,
         "inversion_mse_weight": 4.0,
         "validation_inversion_steps": 50,  # the loop's validation inverts every held-out image: keep it short
+        "ema_decay": 0.0,
     }
     config_specs = (
         OptionSpec("classifier_model", "str", None, nullable=True,
@@ -121,6 +122,7 @@ class MedXGAN(Method):
                    tooltip="weight of the image MSE against the classifier-probability BCE when inverting a scan into codes"),
         OptionSpec("validation_inversion_steps", "int", 50, minimum=0, maximum=100_000,
                    tooltip="inversion steps per held-out image during the loop's validation (short: validation inverts every image)"),
+        weight_average(),
     )
     training_defaults = {"batch_size": 16}  # 16 normal + 16 abnormal: the reference batch of 32
     map_description = (

@@ -94,3 +94,12 @@ def unet_generator_specs(channels_default=(8, 16, 32, 64)) -> tuple[OptionSpec, 
         unet_upsample(),
         unet_activation(),
     )
+
+
+def weight_average(default: float = 0.0) -> OptionSpec:
+    """``ema_decay``: the base class keeps the averages, the training loop updates them (``Method.update_averages``)."""
+    return OptionSpec(
+        "ema_decay", "float", default, minimum=0.0, maximum=0.9999,
+        tooltip="keep an exponential moving average of the inference networks' weights with this decay and "
+        "validate/export it (0: off, the papers; 0.995 in the 3D CPU configurations, where it narrowed VANT-GAN's seeds' spread: docs/design.md)",
+    )

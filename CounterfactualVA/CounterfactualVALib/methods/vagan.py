@@ -40,7 +40,7 @@ from torch import nn
 from ..networks.vagan import C3DCritic, MapUNet
 from ..method_options import OptionSpec
 from .base import AttributionResult, Method, TrainingContext
-from .shared_specs import adam_beta, learning_rate, unet_activation, unet_upsample
+from .shared_specs import adam_beta, learning_rate, unet_activation, unet_upsample, weight_average
 
 
 def critic_gradient_norm(critic: nn.Module, points: torch.Tensor, create_graph: bool = True) -> torch.Tensor:
@@ -97,6 +97,7 @@ class VAGAN(Method):
         "generator_norm": "batch",
         "unet_upsample": "transposed",
         "unet_activation": "relu",
+        "ema_decay": 0.0,
     }
     config_specs = (
         OptionSpec("channels", "list", [16, 32, 64, 128],
@@ -127,6 +128,7 @@ class VAGAN(Method):
                    "budget, batch statistics differ between training and inference, so the map of an unchanged image is not zero"),
         unet_upsample("transposed", "the map generator's"),
         unet_activation("relu", "the map generator's"),
+        weight_average(),
     )
     # The public 3D configuration: batch 2 with 6 accumulated gradients (effective 12); 2D synthetic used 32.
     training_defaults = {"batch_size": 12}

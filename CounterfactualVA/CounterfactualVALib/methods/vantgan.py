@@ -26,5 +26,5 @@ class VANTGAN(CycleTranslationMethod):
 
     def attribute(self, x: torch.Tensor, **options) -> AttributionResult:
         with torch.no_grad():
-            attribution = self._generate(self._inference_generator(), x, None)
+            attribution = self._generate(self.normal_generator, x, None)
         return AttributionResult(attribution=attribution, counterfactual=x + attribution)
