@@ -173,11 +173,17 @@ class Method:
         self.training = training
         self.networks = nn.ModuleDict(self.build_networks(training))
         self.stateful: dict[str, Any] = {}  # e.g. image pools: saved with training checkpoints
+        #: inference networks that keep a weight average (config "ema_decay"; the training loop updates it)
+        self.averaged_networks: tuple[str, ...] = ()
         if training and self.config.get("ema_decay", 0.0) > 0:
             # a GAN's networks oscillate around what they learn (a 3D VANT-GAN's validation NCC 0.20, then 0.04
             # a hundred steps later); the average of their recent weights is steadier. Networks of their own,
-            # so the checkpoint carries them and resume stays exact; never optimised.
-            for name in self.inference_networks:
+            # so the checkpoint carries them and resume stays exact; never optimised. A frozen network (medXGAN's
+            # classifier) is its own average and gets none.
+            self.averaged_networks = tuple(
+                name for name in self.inference_networks if any(p.requires_grad for p in self.networks[name].parameters())
+            )
+            for name in self.averaged_networks:
                 self.networks[name + AVERAGE_SUFFIX] = copy.deepcopy(self.networks[name]).requires_grad_(False)
 
     # --- to implement -------------------------------------------------------------------------
@@ -212,18 +218,14 @@ class Method:
         return self
 
     # --- weight average (config key "ema_decay": the training loop updates it after every step) --------
-    @property
-    def keeps_average(self) -> bool:
-        return any(name + AVERAGE_SUFFIX in self.networks for name in self.inference_networks)
-
     @torch.no_grad()
     def update_averages(self) -> None:
         """Move the averaged inference networks towards the live ones (exponential moving average of the
         parameters; buffers such as batch-norm statistics are copied)."""
-        if not self.keeps_average:
+        if not self.averaged_networks:
             return
         weight = 1.0 - float(self.config["ema_decay"])
-        for name in self.inference_networks:
+        for name in self.averaged_networks:
             live, average = self.networks[name], self.networks[name + AVERAGE_SUFFIX]
             if any(isinstance(p, nn.parameter.UninitializedParameter) for p in average.parameters()):
                 average.load_state_dict(live.state_dict())  # a lazy layer sized by the first batch
@@ -237,10 +239,10 @@ class Method:
     def averaged_weights(self):
         """Within the block the inference networks are their weight averages (validation and the model file
         use them); the live networks come back afterwards. Without an average: unchanged."""
-        if not self.keeps_average:
+        if not self.averaged_networks:
             yield self
             return
-        names = [(n, n + AVERAGE_SUFFIX) for n in self.inference_networks]
+        names = [(n, n + AVERAGE_SUFFIX) for n in self.averaged_networks]
 
         def swap():
             for live, average in names:
