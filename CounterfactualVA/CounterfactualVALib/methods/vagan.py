@@ -22,6 +22,13 @@ Counterfactual (config ``"counterfactual"``):
 
 Either way the attribution is ``y - x`` (counterfactual minus input) and the L1 penalty is on ``y - x``.
 
+Healthy identity (config ``"healthy_identity"``, 0 by default: the paper trains M on abnormal images only):
+adds ``healthy_identity * lambda * mean|y(x_normal) - x_normal|``, the same L1 on the change of a *normal* image,
+whose counterfactual is itself. The L1 on abnormal images alone keeps the change small but not specific: a
+change to anatomy that every subject has (a ventricle or a head shape the critic likes) costs the same as the
+disease's removal. Asking normal subjects to stay unchanged makes such a change pay twice, so what M learns to
+change is what abnormal subjects have and normal ones lack (VANT-GAN's identity loss plays this part).
+
 Training (reference-notes "VA-GAN"): WGAN-GP with penalty weight 10 on random interpolates between real normal
 images and y, the gradient norm taken over *all* non-batch axes (the public code sums one axis only); Adam with
 betas (0.0, 0.9), lr 1e-3 for 3D and 1e-4 for 2D unless ``"lr"`` is set; 5 critic updates per generator update,
@@ -97,6 +104,7 @@ class VAGAN(Method):
         "generator_norm": "batch",
         "unet_upsample": "transposed",
         "unet_activation": "relu",
+        "healthy_identity": 0.0,
         "ema_decay": 0.0,
     }
     config_specs = (
@@ -128,6 +136,9 @@ class VAGAN(Method):
                    "budget, batch statistics differ between training and inference, so the map of an unchanged image is not zero"),
         unet_upsample("transposed", "the map generator's"),
         unet_activation("relu", "the map generator's"),
+        OptionSpec("healthy_identity", "float", 0.0, minimum=0.0,
+                   tooltip="weight, as a multiple of the L1 weight, of an L1 penalty on the change of normal images "
+                   "(their counterfactual is themselves; 0: off, the paper's loss)"),
         weight_average(),
     )
     # The public 3D configuration: batch 2 with 6 accumulated gradients (effective 12); 2D synthetic used 32.
@@ -224,6 +235,11 @@ class VAGAN(Method):
             loss_l1 = (y - x).abs().float().mean()
             lambda_l1 = self.l1_weight(x.shape[2:])
             loss_g = loss_adv + lambda_l1 * loss_l1
+            loss_identity = x.new_zeros(())
+            if c["healthy_identity"] > 0:  # one generator pass saved when off
+                x_n = batch["normal"]
+                loss_identity = (self.counterfactual(x_n) - x_n).abs().float().mean()
+                loss_g = loss_g + c["healthy_identity"] * lambda_l1 * loss_identity
         ctx.optimize("generator", loss_g)
         critic.requires_grad_(True)
 
@@ -232,6 +248,7 @@ class VAGAN(Method):
             "loss_g": loss_g.item(),
             "loss_adv": loss_adv.item(),
             "loss_l1": loss_l1.item(),
+            "loss_identity": loss_identity.item(),
             "lambda_l1": lambda_l1,
             "loss_critic": penalty - wasserstein,
             "wasserstein": wasserstein,
