@@ -9,7 +9,7 @@
 Each configuration is one model of a protocol file (default ``benchmarks/protocols/phantom3d_cpu.json``,
 whose models are the CPU-budget configurations), trained by ``counterfactualva train`` in its own process
 with ``--time-budget``; the table is read back from the run's ``log.csv`` (``elapsed_seconds`` and
-``val_ncc`` at every validation) and ``resource.getrusage`` of the child for peak memory. Without ``--data``
+``val_ncc`` at every validation) and ``os.wait4`` of each child for its own peak memory. Without ``--data``
 the protocol's own cohort recipe is generated first.
 """
 
@@ -19,7 +19,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +40,8 @@ def summarize(run: Path) -> dict:
     return out
 
 
-def train(name: str, spec: dict, protocol: dict, data: Path, out: Path, minutes: float, threads: int, device: str) -> dict:
+def train(name: str, spec: dict, protocol: dict, data: Path, out: Path, minutes: float, threads: int, device: str,
+          cache_dir: Path | None = None) -> dict:
     pre = protocol["preprocessing"]
     command = [sys.executable, "-m", "CounterfactualVACLI", "train", "--method", spec["method"], "--data", str(data), "--out", str(out),
                "--steps", str(spec["steps"]), "--time-budget", str(minutes), "--device", device,
@@ -49,6 +49,10 @@ def train(name: str, spec: dict, protocol: dict, data: Path, out: Path, minutes:
                "--val-every", str(spec.get("training", {}).get("val_every", protocol.get("training", {}).get("val_every", 100)))]
     if spec.get("batch_size"):
         command += ["--batch-size", str(spec["batch_size"])]
+    if spec.get("seed") is not None:
+        command += ["--seed", str(spec["seed"])]
+    if cache_dir is not None:  # preprocessed subjects read back instead of made again for every row
+        command += ["--cache-dir", str(cache_dir)]
     if spec.get("patch_size"):
         command += ["--patch-size", *map(str, spec["patch_size"])]
     for key, value in spec.get("config", {}).items():
@@ -56,9 +60,14 @@ def train(name: str, spec: dict, protocol: dict, data: Path, out: Path, minutes:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     if (out / "checkpoint.pt").exists():
         command.append("--resume")
-    subprocess.run(command, check=True, env=env)
+    # wait4 gives this child's own peak (RUSAGE_CHILDREN is the largest of every child so far)
+    child = subprocess.Popen(command, env=env)
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise subprocess.CalledProcessError(child.returncode, command)
     row = summarize(out)
-    row["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    row["peak_memory_mb"] = usage.ru_maxrss / 1024
     return row
 
 
@@ -82,6 +91,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--work", default="runs/time_to_quality")
+    parser.add_argument("--cache-dir", default=None, help="preprocessed-subject cache shared by every row (train --cache-dir)")
     parser.add_argument("--summarize", nargs="*", default=None, help="only print the table of these finished run folders")
     args = parser.parse_args()
     if args.summarize is not None:
@@ -102,7 +112,8 @@ def main() -> int:
     rows = []
     for name in names:
         for threads in args.threads:
-            row = train(name, protocol["models"][name], protocol, data, work / f"{name}_{args.device}_{threads}t", args.minutes, threads, args.device)
+            row = train(name, protocol["models"][name], protocol, data, work / f"{name}_{args.device}_{threads}t", args.minutes, threads, args.device,
+                        Path(args.cache_dir) if args.cache_dir else None)
             rows.append({**row, "threads": threads if args.device == "cpu" else args.device})
             print_table(rows[-1:])
     print_table(rows)
