@@ -225,3 +225,49 @@ def test_light_translators_start_at_the_identity():
     ctx.step = 0
     light.training_step(batch, ctx)
     assert all(_changed(light.networks[n], before[n]) for n in TRAINED)
+
+
+def test_attention_warmup_trains_translators_only_then_releases_the_attention():
+    """While held open the attention is 1 (the translation passes unmasked) and the attention networks do not
+    learn; the model file of a warm-up snapshot keeps that, and from the first step after the warm-up the
+    attention networks run and learn."""
+    torch.manual_seed(0)
+    method = create_method("agcyclegan", 2, {**TINY, "attention_warmup_steps": 2}, training=True)
+    ctx = _context(method, total_steps=10)
+    attention_before = {n: _snapshot(method.networks[n]) for n in ("att_a2n", "att_n2a")}
+    translator_before = _snapshot(method.networks["a2n"])
+    for step in range(2):
+        ctx.step = step
+        losses = method.training_step(_batch((16, 16), step), ctx)
+        assert losses["attention_mean"] == 1.0
+    assert _changed(method.networks["a2n"], translator_before)
+    for n, before in attention_before.items():
+        assert not _changed(method.networks[n], before), n
+
+    x = _batch((16, 16), 7, n=1)["abnormal"]
+    result = method.attribute(x)
+    assert torch.equal(result.extras["attention"], torch.ones_like(x))
+    with torch.no_grad():
+        torch.testing.assert_close(result.counterfactual, method.networks["a2n"](x))
+    exported = create_method("agcyclegan", 2, {**TINY, "attention_warmup_steps": 2})
+    exported.load_inference_state_dict(method.inference_state_dict())
+    torch.testing.assert_close(exported.attribute(x).counterfactual, result.counterfactual)
+
+    ctx.step = 2
+    losses = method.training_step(_batch((16, 16), 2), ctx)
+    assert 0.0 < losses["attention_mean"] < 1.0
+    for n, before in attention_before.items():
+        assert _changed(method.networks[n], before), n
+    assert not torch.equal(method.attribute(x).extras["attention"], torch.ones_like(x))
+
+
+def test_model_files_without_the_held_open_flag_still_load():
+    """Attention networks saved before `held_open` existed load as never held open."""
+    torch.manual_seed(0)
+    net = AttentionNetwork(2, 1, (4, 8))
+    state = {k: v for k, v in net.state_dict().items() if k != "held_open"}
+    loaded = AttentionNetwork(2, 1, (4, 8))
+    loaded.load_state_dict(state, strict=True)
+    x = torch.rand(1, 1, 16, 16)
+    torch.testing.assert_close(loaded(x), net(x))
+    assert not loaded.held_open

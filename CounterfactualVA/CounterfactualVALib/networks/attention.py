@@ -4,6 +4,10 @@
 3x3 conv: 64, then 32) -> 7x7 conv to one channel -> sigmoid. Instance norm (no affine parameters) and ReLU
 follow every convolution but the last. Dimension-agnostic; the upsampling goes back to the exact sizes of the
 encoder's feature maps, so any input size gives a map on the input grid, with values in [0, 1].
+
+``held_open`` (a buffer, so it travels with the weights into checkpoints and model files): while set, the
+network answers 1 everywhere without running, so that a translator can learn before its attention may close
+(the attention CycleGAN's ``attention_warmup_steps``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ class AttentionNetwork(nn.Module):
         self.up1 = nn.Sequential(conv(c2, c2, 3, padding=1), *norm_act(c2))
         self.up2 = nn.Sequential(conv(c2, c1, 3, padding=1), *norm_act(c1))
         self.head = conv(c1, 1, 7, padding=3, padding_mode="reflect")
+        self.register_buffer("held_open", torch.zeros((), dtype=torch.bool))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # model files written before `held_open` existed hold an attention that was never held open
+        state_dict.setdefault(prefix + "held_open", torch.zeros((), dtype=torch.bool))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         h1 = self.down1(x)
@@ -41,4 +51,6 @@ class AttentionNetwork(nn.Module):
         return self.head(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.held_open:
+            return torch.ones_like(x[:, :1])
         return torch.sigmoid(self.logits(x))
