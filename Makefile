@@ -9,7 +9,7 @@ DEMO_OUT ?= demo_out
 # torch first, and only when missing: Slicer and GPU users bring their own build; here 2.13.0 is the CPU wheel.
 setup:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q -e ".[training,phantom,slicer,test]"
+	$(PYTHON) -m pip install -q -e ".[training,phantom,research,slicer,test]"
 
 demo: setup
 	$(PYTHON) -m CounterfactualVACLI attribute --model $(SAMPLE_MODEL) --input $(SAMPLE_SCAN) --out $(DEMO_OUT)

@@ -169,7 +169,7 @@ def test_attribution_runs_from_the_requirements_alone(driver_report, method):
     assert (out / summary["outputs"]["mask"]).exists()
     if summary["outputs"]["counterfactual"]:  # the classifier baselines explain without one
         assert (out / summary["outputs"]["counterfactual"]).exists()
-    assert any(out.glob("*_figure.png")), "no figure (matplotlib)"
+    assert any(out.glob("*_figure.png")), "no figure (Pillow)"
 
 
 @pytest.mark.parametrize("method", available_methods())

@@ -134,8 +134,8 @@ def test_child_environment_puts_the_library_first_and_hides_the_gpu_for_cpu():
 
 def test_requirements_file_lists_what_the_command_line_imports():
     reqs = {r.name.lower(): r for r in requirements.load_requirements()}
-    # captum: integrated gradients and the classifier's validation map; matplotlib: the figure; tqdm: training
-    for name in ("torch", "monai", "captum", "safetensors", "simpleitk", "numpy", "scipy", "matplotlib", "tqdm"):
+    # captum: integrated gradients and the classifier's validation map; Pillow: the figure; tqdm: training
+    for name in ("torch", "monai", "captum", "safetensors", "simpleitk", "numpy", "scipy", "pillow", "tqdm"):
         assert name in reqs, name
     torch, others = requirements.split_torch(list(reqs.values()))
     assert torch.name == "torch" and all(r.name != "torch" for r in others)
