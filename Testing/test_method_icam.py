@@ -364,3 +364,46 @@ def test_short_training_separates_held_out_classes():
     assert torch.all(result.extras["icam_std"] >= 0)
     assert 0.0 <= result.scalars["class_probability"] <= 1.0
     assert result.scalars["icam_accepted_samples"] == 8  # a trained classifier admits codes of the target class
+
+
+def test_class_warmup_trains_only_the_classifiers_then_the_whole_model():
+    """`class_warmup_steps`: the attribute encoder, its classifier and the domain discriminators learn the class
+    alone first (on a subtle 3D effect nothing else can start before they do); the content encoder, the
+    generator and the content discriminator stay as initialised, and the full step follows.
+
+    Measured after 150 warm-up steps (seeds 0-2): held-out accuracy of the latent classifier 0.90 / 0.80 / 0.80,
+    of d_swap's class head 0.80 each; a warm-up that ran the full step would change every network."""
+    torch.manual_seed(0)
+    x_train, y_train = _easy_set(48, 0)
+    x_test, y_test = _easy_set(40, 1)
+    warmup = 150
+    method = create_method("icam", 2, {**TINY, "lr": 1e-3, "class_warmup_steps": warmup}, training=True)
+    ctx = _context(method, warmup + 1)
+    g = torch.Generator().manual_seed(0)
+    normal, abnormal = torch.where(y_train == 0)[0], torch.where(y_train == 1)[0]
+
+    def batch():
+        i = normal[torch.randint(len(normal), (2,), generator=g)]
+        j = abnormal[torch.randint(len(abnormal), (2,), generator=g)]
+        return {"normal": x_train[i], "abnormal": x_train[j]}
+
+    ctx.step = 0
+    method.training_step(batch(), ctx)  # materialises the lazy classifier
+    before = {k: _params(v) for k, v in method.networks.items()}
+    for step in range(1, warmup):
+        ctx.step = step
+        logs = method.training_step(batch(), ctx)
+    assert logs["class_warmup"] == 1.0 and "loss_eg" not in logs
+    changed = {name for name, net in method.networks.items() if any(not torch.equal(a, b) for a, b in zip(before[name], net.parameters()))}
+    assert changed == {"attribute_encoder", "classifier", "d_swap", "d_random"}
+    p = method.class_probability(x_test)
+    assert ((p > 0.5).long() == y_test).float().mean().item() > 0.7
+    # the discriminators' class heads learnt the class of real images too
+    with torch.no_grad():
+        _, cls = method.networks["d_swap"](x_test)
+    assert (cls.argmax(1) == y_test).float().mean().item() > 0.7
+    ctx.step = warmup
+    frozen_before = _params(method.networks["generator"])
+    logs = method.training_step(batch(), ctx)
+    assert logs["class_warmup"] == 0.0 and np.isfinite(logs["loss_eg"])
+    assert any(not torch.equal(a, b) for a, b in zip(frozen_before, method.networks["generator"].parameters()))
