@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -261,13 +262,17 @@ def test_model_file_round_trip(synthetic_2d, tmp_path):
         out=str(tmp_path / "run"),
         # a coarser model grid than the 32 x 32 input, so outputs must be resampled back
         preprocessing={"spatial_dims": 2, "size": [16, 16], "spacing": [2.0, 2.0], "crop": "image", "intensity": "minmax"},
-        method_config={**TINY, "dis_layers": 2},
+        # the first step a class warm-up (the content discriminator's optimiser idle while its schedule steps)
+        method_config={**TINY, "dis_layers": 2, "class_warmup_steps": 1},
         steps=2,
         val_every=2,
         checkpoint_every=2,
         command="pytest icam",
     )
-    model = train(config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = train(config)
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)], "a warm-up must not warn about the schedule"
     assert model is not None and Path(model).exists()
     assert read_metadata(model).method_config["grid_size"] == [16, 16]  # recorded from the training grid
     with open(synthetic_2d) as f:

@@ -17,6 +17,7 @@ import os
 import shlex
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -308,8 +309,13 @@ class Trainer:
         self.ctx.sample_batch = lambda: self._batch(generator)
         losses = self.method.training_step(self._batch(generator), self.ctx)
         self.method.update_averages()
-        for scheduler in self.schedulers.values():
-            scheduler.step()
+        with warnings.catch_warnings():
+            # The schedules follow the global step. A method's warm-up leaves some optimisers idle for its first
+            # steps (ICAM's class warm-up leaves its content discriminator's), which torch reports as a scheduler
+            # stepped before its optimiser: intended here.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+            for scheduler in self.schedulers.values():
+                scheduler.step()
         self.step += 1
         return losses
 
